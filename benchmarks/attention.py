@@ -1,0 +1,156 @@
+"""Attention kernels: forward and forward+backward time and memory vs length.
+
+    python benchmarks/attention.py --lengths 1024,4096,16384,65536 --out attention.json
+
+Each (kind, length, mode) point runs in a fresh process (benchmarks/harness.py):
+batch 1, 8 heads of 64, radius 128, fp32 by default. `dense` is
+jax.nn.dot_product_attention (XLA) for comparison. Reported: median step
+time, tokens/s, the process's peak RSS and XLA's planned temporary memory.
+Results go to BENCHMARKS.md by hand, with the command and the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import harness  # noqa: E402
+
+KINDS = ('dense', 'full', 'local', 'global_local', 'transient_global', 'hierarchical',
+         'adaptive_span', 'chunked')
+
+
+def kernel(kind: str, args):
+  """A function (q, k, v) -> out for `kind` with the benchmark's settings."""
+  import jax
+  import jax.numpy as jnp
+  from longjax import attention
+  causal = args.causal
+  if kind == 'dense':
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                        implementation='xla')
+  if kind == 'full':
+    return lambda q, k, v: attention.dot_product(q, k, v, causal=causal)
+  fn = attention.get(kind)
+  kwargs = dict(
+      local=dict(radius=args.radius),
+      global_local=dict(radius=args.radius, num_global=args.num_global),
+      transient_global=dict(radius=args.radius, block_size=args.summary_block),
+      hierarchical=dict(block_size=args.hierarchy_block),
+      adaptive_span=dict(max_span=args.radius, ramp=32.0,
+                         spans=jnp.full((args.heads,), args.radius / 2)),
+      chunked=dict(block_size=args.radius),
+  )[kind]
+  return lambda q, k, v: fn(q, k, v, causal=causal, **kwargs)
+
+
+def run_one(args):
+  """Inside the point's process: build inputs, time, print one JSON line."""
+  import jax
+  import jax.numpy as jnp
+  dtype = jnp.dtype(args.dtype)
+  shape = (args.batch, args.length, args.heads, args.head_dim)
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(key, shape, dtype) for key in keys)
+  fn = kernel(args.kind, args)
+  if args.mode == 'fwd':
+    step = fn
+  else:
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
+    step = jax.grad(loss, argnums=(0, 1, 2))
+  result = harness.time_steps(step, q, k, v, steps=args.steps)
+  result.update(kind=args.kind, length=args.length, mode=args.mode, dtype=args.dtype,
+                tokens_per_s=args.batch * args.length / result['median_s'])
+  print(json.dumps(result))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--kinds', default=','.join(KINDS))
+  parser.add_argument('--lengths', default='1024,4096,16384,65536')
+  parser.add_argument('--modes', default='fwd,fwdbwd')
+  parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--heads', type=int, default=8)
+  parser.add_argument('--head-dim', type=int, default=64)
+  parser.add_argument('--radius', type=int, default=128)
+  parser.add_argument('--num-global', type=int, default=16)
+  parser.add_argument('--summary-block', type=int, default=16,
+                      help='transient_global block size (LongT5 uses 16)')
+  parser.add_argument('--hierarchy-block', type=int, default=64)
+  parser.add_argument('--causal', action='store_true')
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--timeout', type=float, default=300)
+  parser.add_argument('--mem-cap-gb', type=float, default=20)
+  parser.add_argument('--out', default='')
+  # Internal: run a single point in this process.
+  parser.add_argument('--point', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--kind', help=argparse.SUPPRESS)
+  parser.add_argument('--length', type=int, help=argparse.SUPPRESS)
+  parser.add_argument('--mode', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.point:
+    return run_one(args)
+
+  results = []
+  passthrough = [f'--dtype={args.dtype}', f'--batch={args.batch}', f'--heads={args.heads}',
+                 f'--head-dim={args.head_dim}', f'--radius={args.radius}',
+                 f'--num-global={args.num_global}', f'--summary-block={args.summary_block}',
+                 f'--hierarchy-block={args.hierarchy_block}', f'--steps={args.steps}']
+  if args.causal:
+    passthrough.append('--causal')
+  print(f'# {harness.machine_description()}', flush=True)
+  for kind in args.kinds.split(','):
+    for mode in args.modes.split(','):
+      failed = False
+      for length in [int(x) for x in args.lengths.split(',')]:
+        if failed:
+          row = dict(kind=kind, mode=mode, length=length, status='SKIP')
+        else:
+          row = harness.run_point(
+              [os.path.abspath(__file__), '--point', f'--kind={kind}', f'--mode={mode}',
+               f'--length={length}'] + passthrough,
+              timeout=args.timeout, mem_cap_gb=args.mem_cap_gb)
+          row.update(kind=kind, mode=mode, length=length)
+          failed = row['status'] != 'ok'
+        results.append(row)
+        print(json.dumps({k: row.get(k) for k in (
+            'kind', 'mode', 'length', 'status', 'median_s', 'tokens_per_s', 'peak_rss_gb',
+            'xla_temp_bytes')}), flush=True)
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(dict(machine=harness.machine_description(), argv=sys.argv, results=results),
+                f, indent=1)
+  print(report(results))
+
+
+def report(results) -> str:
+  """Markdown: one table per mode, ms and peak memory per kind and length."""
+  lengths = sorted({r['length'] for r in results})
+  out = []
+  for mode in dict.fromkeys(r['mode'] for r in results):
+    rows = []
+    for kind in dict.fromkeys(r['kind'] for r in results):
+      row = [kind]
+      for length in lengths:
+        r = next((r for r in results if r['kind'] == kind and r['mode'] == mode
+                  and r['length'] == length), None)
+        if r is None:
+          row.append('')
+        elif r['status'] != 'ok':
+          row.append(r['status'])
+        else:
+          temp = (r.get('xla_temp_bytes') or 0) / 2**20
+          row.append(f"{r['median_s'] * 1e3:.1f} ms / {temp:.0f} MiB / {r['peak_rss_gb']:.2f} GB")
+      rows.append(row)
+    out.append(f'\n{mode}: median time / XLA temp memory / peak process RSS\n')
+    out.append(harness.markdown_table(['kind'] + [str(l) for l in lengths], rows))
+  return '\n'.join(out)
+
+
+if __name__ == '__main__':
+  main()

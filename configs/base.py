@@ -1,0 +1,143 @@
+"""Base configuration: every field longjax reads, with a one-line comment each.
+
+Task configs (`configs/pretrain.py`, ...) start from `get_config()` here and
+change only what differs. Any field can be overridden on the command line:
+
+    python -m longjax.main --config=configs/pretrain.py --workdir=/tmp/run \
+        --config.model.attention.kind=local --config.seq_len=2048
+
+The config is locked by `main.py`, so a misspelled field is an error.
+"""
+import ml_collections
+
+
+def get_model_config() -> ml_collections.ConfigDict:
+  """The `model` block; `longjax.models.ModelConfig.from_config` reads it."""
+  model = ml_collections.ConfigDict()
+  model.kind = 'lm'  # 'lm' (decoder-only) or 'encoder_decoder'.
+  model.num_layers = 2  # Transformer blocks (each of encoder and decoder).
+  model.num_decoder_layers = -1  # Decoder blocks of an encoder-decoder; -1 = num_layers.
+  model.emb_dim = 128  # Residual stream width.
+  model.num_heads = 4  # Query heads.
+  model.num_kv_heads = -1  # Key/value heads (grouped-query attention); -1 = num_heads.
+  model.head_dim = -1  # Per-head width; -1 = emb_dim // num_heads.
+  model.mlp_dim = 512  # Hidden width of the gated MLP.
+  model.vocab_size = 259  # Byte tokenizer: 256 bytes + pad, eos, bos (set by the tokenizer).
+  model.max_len = 2048  # Longest sequence the model accepts (inputs are checked against it).
+  model.dropout_rate = 0.0  # Dropout on the residual branches while training.
+  model.tie_embeddings = True  # Share the input embedding with the output projection.
+  model.positions = 'rope'  # 'rope', 't5_bias' (T5 relative buckets) or 'learned'.
+  model.rope_max_wavelength = 10_000.0  # RoPE base.
+  model.t5_num_buckets = 32  # Relative-position buckets for 't5_bias'.
+  model.t5_max_distance = 128  # Distances beyond this share the last bucket.
+  model.dtype = 'bfloat16'  # Compute dtype of matmuls (softmax, norms, logits stay fp32).
+  model.param_dtype = 'float32'  # Master weights.
+  model.remat = 'none'  # 'none', 'full', or a named policy ('save_dots', 'save_attention_out').
+  model.scan_layers = False  # Scan over identical layers (faster compile for deep models).
+
+  attention = ml_collections.ConfigDict()
+  attention.kind = 'full'  # One of longjax.attention.KINDS.
+  attention.radius = 128  # Local window: query i sees keys j with |i - j| <= radius.
+  attention.num_global = 16  # global_local: positions 0..num_global-1 are global.
+  attention.block_size = 64  # transient_global summary blocks / hierarchical / chunked blocks.
+  attention.max_span = 256  # adaptive_span: longest span a head may learn.
+  attention.span_ramp = 32  # adaptive_span: width R of the soft mask ramp.
+  attention.span_init = 0.5  # adaptive_span: initial span as a fraction of max_span.
+  attention.span_loss_coef = 2e-6  # adaptive_span: weight of the mean-span penalty in the loss.
+  attention.implementation = 'auto'  # 'auto', 'xla' or 'cudnn' (GPU only).
+  attention.layer_pattern = ()  # Per-layer kinds repeated over depth, e.g. ('local',)*3 + ('full',).
+  attention.decoder_kind = 'full'  # encoder_decoder: decoder self-attention ('full' or 'local').
+  model.attention = attention
+  return model
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Small LM on the embedded stdlib corpus; runs on a 2-core CPU in minutes."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, dropout and data order.
+
+  # Data ------------------------------------------------------------------
+  dataset = ml_collections.ConfigDict()
+  dataset.name = 'longjax_pystdlib'  # tfds name, an embedded name, or a synthetic task.
+  dataset.data_dir = ''  # tfds data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  dataset.split_train = 'train'  # tfds split (slicing like 'train[:90%]' works).
+  dataset.split_eval = 'validation'  # Split for evaluation.
+  dataset.input_key = 'text'  # Feature holding the document (LM) or the source (seq2seq).
+  dataset.target_key = ''  # Feature holding the target (seq2seq); '' for LM.
+  dataset.pack = True  # LM: pack short documents together (with segment ids).
+  dataset.num_workers = 0  # grain worker processes (0 = in the main process).
+  dataset.prefetch = 2  # Batches prefetched on a background thread.
+  dataset.verses_per_example = 4  # longjax_bible_en_es: consecutive verses per example.
+  config.dataset = dataset
+
+  tokenizer = ml_collections.ConfigDict()
+  tokenizer.kind = 'bytes'  # 'bytes' or 'sentencepiece'.
+  tokenizer.spm_model_path = ''  # Existing SentencePiece model; '' trains one into the workdir.
+  tokenizer.spm_vocab_size = 8000  # Vocabulary of a SentencePiece model trained here.
+  config.tokenizer = tokenizer
+
+  # Synthetic long-range diagnostics (dataset.name = 'passkey', 'associative_recall'
+  # or 'selective_copy'); see longjax/data/synthetic.py for the formats.
+  synthetic = ml_collections.ConfigDict()
+  synthetic.num_train_examples = 1_000_000  # Size of the (virtual) training set.
+  synthetic.num_eval_examples = 256  # Held-out examples.
+  synthetic.passkey_digits = 5  # Digits of the passkey.
+  synthetic.passkey_depth = -1.0  # Where the key sits as a fraction of the filler; -1 = uniform.
+  synthetic.filler = 'random'  # 'random' tokens or 'text' from the pretraining corpus.
+  synthetic.num_pairs = 8  # associative_recall: key-value pairs.
+  synthetic.num_queries = 4  # associative_recall: pairs asked for.
+  synthetic.copy_tokens = 8  # selective_copy: tokens scattered in noise, then copied.
+  config.synthetic = synthetic
+
+  config.seq_len = 512  # Training length (the LM input, or the seq2seq source).
+  config.target_len = 128  # Seq2seq target length.
+  config.eval_seq_len = -1  # Evaluation length; -1 = seq_len (set higher to test extrapolation).
+
+  # Model -----------------------------------------------------------------
+  config.model = get_model_config()
+
+  # Optimisation ----------------------------------------------------------
+  config.batch_size = 8  # Global batch (all devices and hosts together).
+  config.grad_accum_steps = 1  # Micro-batches accumulated per optimizer step.
+  config.num_train_steps = 200  # Optimizer steps.
+  config.learning_rate = 3e-3  # Peak learning rate.
+  config.warmup_steps = 20  # Linear warm-up steps.
+  config.lr_schedule = 'cosine'  # 'cosine', 'rsqrt' or 'constant' after warm-up.
+  config.min_lr_ratio = 0.1  # Cosine decays to this fraction of the peak.
+  config.weight_decay = 0.01  # AdamW decay (not on norms, biases or spans).
+  config.adam_b1 = 0.9  # AdamW beta1.
+  config.adam_b2 = 0.98  # AdamW beta2.
+  config.grad_clip = 1.0  # Global-norm clipping; 0 disables.
+  config.z_loss = 0.0  # Weight of log(Z)^2 on the logits (PaLM); 0 disables.
+  config.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
+
+  # Loop, evaluation, checkpoints ----------------------------------------
+  config.log_every_steps = 10  # Progress line and train metrics.
+  config.eval_every_steps = 100  # Evaluation (and seq2seq sample decodes).
+  config.num_eval_steps = 8  # Eval batches; -1 = the whole eval split.
+  config.checkpoint_every_steps = 100  # Async checkpoint interval.
+  config.keep_checkpoints = 3  # Checkpoints kept on disk.
+  config.profile_steps = 0  # Steps traced by the profiler after warm-up (0 = off).
+
+  # Decoding (seq2seq evaluation and sampling) ----------------------------
+  decode = ml_collections.ConfigDict()
+  decode.num_examples = 4  # Eval examples decoded and logged as text during training.
+  decode.max_decode_len = 128  # Longest generation.
+  decode.beam_size = 1  # 1 = greedy / sampling; >1 = beam search.
+  decode.length_penalty = 0.6  # Beam search length penalty alpha.
+  decode.temperature = 0.0  # 0 = greedy.
+  decode.top_k = 0  # Sample from the k most likely tokens (0 = all).
+  decode.top_p = 1.0  # Nucleus sampling mass.
+  config.decode = decode
+
+  # Sharding --------------------------------------------------------------
+  mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # Data-parallel axis; -1 = all devices not used by the others.
+  mesh.fsdp = 1  # Fully-sharded data parallel (parameters and batch).
+  mesh.tensor = 1  # Tensor (model) parallel over heads and MLP.
+  mesh.sequence = 1  # Sequence (context) parallel over length.
+  config.mesh = mesh
+  # Extra (logical name, mesh axes) rules placed before the defaults, e.g.
+  # (('mlp', 'tensor'),). See longjax/train/sharding.py for the default table.
+  config.axis_rules = ()
+  return config

@@ -1,0 +1,271 @@
+"""Shared machinery of the attention kernels: softmax parts, masks, padding.
+
+Every kernel in this package writes its attention as a set of *parts*: groups
+of keys (a sliding window, the global tokens, block summaries, one level of a
+hierarchy) that are normalised together in one softmax. Each part returns the
+unnormalised statistics of flash attention for every query,
+
+    max  m = max_k s_k,   sum  l = sum_k w_k exp(s_k - m),
+    out  o = sum_k w_k exp(s_k - m) v_k,
+
+and `merge` combines any number of parts exactly (the log-sum-exp merge of
+Rabe & Staats 2021 / FlashAttention). `w_k` is an optional multiplicative
+weight (the soft span mask of adaptive span); additive terms (position bias,
+the log-count of a pooled key) go into the score.
+
+Layout conventions (internal):
+  * queries are grouped for grouped-query attention as [..., kv_heads, group, dim]
+    with query head h = kv_head * group + g;
+  * a "blocked" tensor has a block axis after batch: [batch, blocks, block_len, ...].
+
+Numerics: scores, softmax and accumulation are float32 whatever the input
+dtype; the two matmuls take the input dtype (bf16 inputs -> bf16 MXU/tensor-core
+matmuls with fp32 accumulation). Rows that see no key produce zeros, never NaN.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Scores of masked keys. Finite, so that max/exp of an all-masked row stay
+# finite (the row is zeroed by the mask, not by inf arithmetic).
+MASK_VALUE = -1e30
+
+# bias_fn(relative_position) -> bias: maps integer query_position - key_position
+# (any shape S) to an additive float bias of shape S + (num_heads,).
+BiasFn = Callable[[jax.Array], jax.Array]
+
+
+class Part(NamedTuple):
+  """Unnormalised softmax statistics of one group of keys, per query.
+
+  max, sum: [batch, q_len, kv_heads, group] float32; out: [..., head_dim] float32.
+  """
+  max: jax.Array
+  sum: jax.Array
+  out: jax.Array
+
+
+def check_qkv(q, k, v, name: str):
+  """Validates shapes; returns (batch, q_len, kv_len, heads, kv_heads, dim)."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(
+        f'{name}: q, k, v must be [batch, length, heads, head_dim]; got shapes '
+        f'{q.shape}, {k.shape}, {v.shape}.')
+  batch, q_len, heads, dim = q.shape
+  if k.shape != v.shape:
+    raise ValueError(f'{name}: k and v shapes differ: {k.shape} vs {v.shape}.')
+  if k.shape[0] != batch or k.shape[3] != dim:
+    raise ValueError(
+        f'{name}: k/v batch and head_dim must match q: q {q.shape}, k {k.shape}.')
+  kv_heads = k.shape[2]
+  if heads % kv_heads:
+    raise ValueError(
+        f'{name}: query heads ({heads}) must be a multiple of key/value heads '
+        f'({kv_heads}) for grouped-query attention.')
+  return batch, q_len, k.shape[1], heads, kv_heads, dim
+
+
+def check_segment_ids(segment_ids, batch, length, name, field='segment_ids'):
+  if segment_ids is None:
+    return None
+  if segment_ids.shape != (batch, length):
+    raise ValueError(
+        f'{name}: {field} must be [batch, length] = {(batch, length)}; got '
+        f'{segment_ids.shape}.')
+  return segment_ids.astype(jnp.int32)
+
+
+def check_positive_int(value, name, field, minimum=1):
+  if not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f'{name}: {field} must be an int >= {minimum}; got {value!r}.')
+  return int(value)
+
+
+def default_scale(dim: int, scale: Optional[float]) -> float:
+  return 1.0 / math.sqrt(dim) if scale is None else float(scale)
+
+
+def group_queries(q, kv_heads):
+  """[b, l, heads, d] -> [b, l, kv_heads, group, d]."""
+  b, l, h, d = q.shape
+  return q.reshape(b, l, kv_heads, h // kv_heads, d)
+
+
+def pad_axis(x, axis: int, new_size: int, value=0):
+  """Pads axis `axis` of x at the end to `new_size`."""
+  extra = new_size - x.shape[axis]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def bias_heads(bias_fn: BiasFn, rel, kv_heads: int):
+  """Evaluates bias_fn on relative positions; returns [..., kv_heads, group] f32.
+
+  rel has shape S; the result has shape S + (kv_heads, group).
+  """
+  bias = bias_fn(jnp.asarray(rel, jnp.int32)).astype(jnp.float32)
+  heads = bias.shape[-1]
+  return bias.reshape(bias.shape[:-1] + (kv_heads, heads // kv_heads))
+
+
+def attend_blocks(q, k, v, *, mask, bias=None, log_weight=None, weight=None) -> Part:
+  """One part over blocked keys: each query block attends its own key block.
+
+  Args:
+    q: [b, n, tq, kv_heads, group, d], already multiplied by the softmax scale.
+    k, v: [b, n, tk, kv_heads, d].
+    mask: bool, broadcastable to [b, n, kv_heads, group, tq, tk].
+    bias: additive f32, broadcastable to [b, n, kv_heads, group, tq, tk].
+    log_weight: additive f32 per key, broadcastable to [b, n, tk] (e.g. the
+      log of how many tokens a pooled key stands for).
+    weight: multiplicative f32 (adaptive span's soft mask), broadcastable like
+      bias; keys with weight 0 must also be masked.
+  Returns:
+    A Part with queries flattened: [b, n * tq, kv_heads, group(, d)].
+  """
+  scores = jnp.einsum('bnqhgd,bnkhd->bnhgqk', q, k,
+                      preferred_element_type=jnp.float32)
+  if bias is not None:
+    scores = scores + bias
+  if log_weight is not None:
+    scores = scores + log_weight[:, :, None, None, None, :]
+  scores = jnp.where(mask, scores, MASK_VALUE)
+  row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  probs = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
+  if weight is not None:
+    probs = probs * weight
+  row_sum = jnp.sum(probs, axis=-1)
+  out = jnp.einsum('bnhgqk,bnkhd->bnqhgd', probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  b, n, tq, hk, g, d = out.shape
+  # [b, n, hk, g, tq] -> [b, n * tq, hk, g]
+  to_rows = lambda x: jnp.moveaxis(x, -1, 2).reshape(b, n * tq, hk, g)
+  return Part(to_rows(row_max[..., 0]), to_rows(row_sum),
+              out.reshape(b, n * tq, hk, g, d))
+
+
+def attend_per_query(q, k, v, *, mask, bias=None, log_weight=None) -> Part:
+  """One part where every query has its own private key(s).
+
+  Args:
+    q: [b, l, kv_heads, group, d] (scaled); k, v: [b, l, m, kv_heads, d] — m
+      keys private to each query; mask: bool broadcastable to [b, l, m];
+    bias: f32 broadcastable to [b, l, m, kv_heads, group]; log_weight: [b, l, m].
+  """
+  scores = jnp.einsum('blhgd,blmhd->blmhg', q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    scores = scores + bias
+  if log_weight is not None:
+    scores = scores + log_weight[..., None, None]
+  mask = mask[..., None, None]
+  scores = jnp.where(mask, scores, MASK_VALUE)
+  row_max = jax.lax.stop_gradient(jnp.max(scores, axis=2))
+  probs = jnp.where(mask, jnp.exp(scores - row_max[:, :, None]), 0.0)
+  out = jnp.einsum('blmhg,blmhd->blhgd', probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return Part(row_max, jnp.sum(probs, axis=2), out)
+
+
+def slice_part(part: Part, length: int) -> Part:
+  return Part(part.max[:, :length], part.sum[:, :length], part.out[:, :length])
+
+
+def merge(parts: Sequence[Part], dtype) -> jax.Array:
+  """Normalises the union of all parts' keys in one softmax.
+
+  Returns [batch, q_len, heads, head_dim] in `dtype`; rows with no visible key
+  (sum 0 in every part) are 0.
+  """
+  total_max = parts[0].max
+  for p in parts[1:]:
+    total_max = jnp.maximum(total_max, p.max)
+  total_sum = 0.0
+  total_out = 0.0
+  for p in parts:
+    correction = jnp.exp(p.max - total_max)
+    total_sum = total_sum + p.sum * correction
+    total_out = total_out + p.out * correction[..., None]
+  safe_sum = jnp.where(total_sum > 0, total_sum, 1.0)
+  out = total_out / safe_sum[..., None]
+  b, l, hk, g, d = out.shape
+  return out.reshape(b, l, hk * g, d).astype(dtype)
+
+
+def neighbor_blocks(x, *, before: int, after: int):
+  """Concatenates each block with its neighbours along the block-length axis.
+
+  x: [b, n, t, ...] -> [b, n, (before + 1 + after) * t, ...]; missing
+  neighbours at the ends are zeros (and must be masked by the caller).
+  """
+  n = x.shape[1]
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (before, after)
+  padded = jnp.pad(x, widths)
+  pieces = [padded[:, j:j + n] for j in range(before + 1 + after)]
+  return jnp.concatenate(pieces, axis=2)
+
+
+def segment_bounds(segment_ids):
+  """Start and end (exclusive) of each token's segment, [b, l] int32 each.
+
+  Segments are contiguous runs of equal ids (as packing produces them).
+  """
+  b, l = segment_ids.shape
+  pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  change = jnp.concatenate(
+      [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  start = jax.lax.cummax(jnp.where(change, pos, 0), axis=1)
+  ends_here = jnp.concatenate(
+      [segment_ids[:, 1:] != segment_ids[:, :-1], jnp.ones((b, 1), bool)], axis=1)
+  end = jax.lax.cummin(jnp.where(ends_here, pos + 1, l), axis=1, reverse=True)
+  return start, end
+
+
+def resolve_implementation(implementation: str, name: str, *, cudnn_ok: bool,
+                           why_not: str = '') -> str:
+  """Chooses 'xla' or 'cudnn' for a call.
+
+  'auto' takes cuDNN's fused kernel on a GPU when it computes exactly this
+  call (see each kernel), else the blocked XLA code, which runs everywhere.
+  """
+  if implementation not in ('auto', 'xla', 'cudnn'):
+    raise ValueError(
+        f"{name}: implementation must be 'auto', 'xla' or 'cudnn'; got {implementation!r}.")
+  on_gpu = jax.default_backend() == 'gpu'
+  if implementation == 'cudnn':
+    if not on_gpu:
+      raise ValueError(
+          f"{name}: implementation='cudnn' needs a GPU backend (this is "
+          f"{jax.default_backend()!r}); use 'auto' or 'xla'.")
+    if not cudnn_ok:
+      raise ValueError(f"{name}: implementation='cudnn' cannot compute this call: "
+                       f"{why_not}. Use 'auto' or 'xla'.")
+    return 'cudnn'
+  if implementation == 'auto' and on_gpu and cudnn_ok:
+    return 'cudnn'
+  return 'xla'
+
+
+def cudnn_supports(q, *, segment_ids, bias_fn) -> tuple[bool, str]:
+  """Whether jax.nn.dot_product_attention(implementation='cudnn') applies."""
+  if segment_ids is not None:
+    return False, 'segment_ids need a dense mask'
+  if bias_fn is not None:
+    return False, 'a position bias needs a dense bias array'
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return False, f'cuDNN attention takes bf16/fp16, not {q.dtype}'
+  if q.shape[-1] % 8 or q.shape[-1] > 128:
+    return False, f'head_dim {q.shape[-1]} must be a multiple of 8 and <= 128'
+  return True, ''

@@ -1,0 +1,66 @@
+"""Full softmax attention: the reference every other kind is measured against.
+
+O(q_len * kv_len) time and memory. Also the cross-attention of the
+encoder-decoder (query and key lengths differ).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longjax.attention import _core
+
+
+def dot_product(q, k, v, *, causal: bool = False, segment_ids=None,
+                kv_segment_ids=None, bias_fn: Optional[_core.BiasFn] = None,
+                scale: Optional[float] = None, implementation: str = 'auto'):
+  """softmax(q k^T * scale + bias + mask) v over all keys.
+
+  Args:
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim].
+    causal: query i sees key j iff j <= i + (kv_len - q_len) (the queries are
+      the last q_len positions of the key sequence, as when decoding).
+    segment_ids: [batch, q_len] ints; query i sees key j only if their
+      segment ids are equal. Padding is a segment of its own.
+    kv_segment_ids: [batch, kv_len]; defaults to segment_ids when the lengths match.
+    bias_fn: f(query_pos - key_pos) -> [..., heads] additive bias.
+    scale: default 1/sqrt(head_dim).
+    implementation: 'xla', 'cudnn' or 'auto' (cuDNN on GPU when it applies).
+  Returns:
+    [batch, q_len, heads, head_dim] in q's dtype.
+  """
+  name = 'dot_product'
+  batch, q_len, kv_len, _, kv_heads, dim = _core.check_qkv(q, k, v, name)
+  segment_ids = _core.check_segment_ids(segment_ids, batch, q_len, name)
+  if kv_segment_ids is None and segment_ids is not None:
+    if kv_len != q_len:
+      raise ValueError(f'{name}: cross-attention with segment_ids also needs '
+                       f'kv_segment_ids [batch, {kv_len}].')
+    kv_segment_ids = segment_ids
+  kv_segment_ids = _core.check_segment_ids(kv_segment_ids, batch, kv_len, name,
+                                           'kv_segment_ids')
+  if (kv_segment_ids is None) != (segment_ids is None):
+    raise ValueError(f'{name}: give both segment_ids and kv_segment_ids, or neither.')
+  ok, why = _core.cudnn_supports(q, segment_ids=segment_ids, bias_fn=bias_fn)
+  if causal and q_len != kv_len:
+    ok, why = False, 'causal cross-attention with different lengths'
+  if _core.resolve_implementation(implementation, name, cudnn_ok=ok, why_not=why) == 'cudnn':
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                        implementation='cudnn')
+
+  scale = _core.default_scale(dim, scale)
+  qg = _core.group_queries(q * jnp.asarray(scale, q.dtype), kv_heads)[:, None]
+  offset = kv_len - q_len
+  rel = (np.arange(q_len)[:, None] + offset) - np.arange(kv_len)[None, :]
+  mask = jnp.asarray(rel >= 0 if causal else np.ones_like(rel, bool))[None, None, None, None]
+  if segment_ids is not None:
+    same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    mask = mask & same[:, None, None, None]
+  bias = None
+  if bias_fn is not None:
+    bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (0, 1), (2, 3))
+  part = _core.attend_blocks(qg, k[:, None], v[:, None], mask=mask, bias=bias)
+  return _core.merge([part], q.dtype)

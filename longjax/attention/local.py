@@ -1,0 +1,137 @@
+"""Sliding-window (local) attention and the blocked window it is built on.
+
+`local`: query i attends key j iff |i - j| <= radius (and j <= i when causal),
+within the same segment. Longformer's sliding window, LongT5's local attention,
+Mistral/Gemma's sliding window in its causal form.
+
+How it stays linear: the sequence is cut into blocks of `block` >= radius
+tokens. Every key a query in block n may see lies in blocks n-1, n, n+1 (only
+n-1, n when causal), so each block of queries is scored against that window of
+3 (or 2) blocks: a [block, 3 * block] score tile per block, O(length * radius)
+time and memory in the forward and the backward pass. The window mask inside a
+tile depends only on offsets within the tile, so it is a compile-time constant.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longjax.attention import _core
+
+# Smallest block used for tiny radii: very small tiles waste the matmul units
+# and give XLA thousands of tiny blocks.
+MIN_BLOCK = 16
+
+
+def default_block(radius: int) -> int:
+  return max(int(radius), MIN_BLOCK)
+
+
+def window_part(q, k, v, *, block: int, before: int, after: int,
+                radius: Optional[int], causal: bool, segment_ids=None,
+                bias_fn: Optional[_core.BiasFn] = None, key_exclude=None,
+                weight_fn: Optional[Callable] = None) -> _core.Part:
+  """Attention of each block of queries to its neighbouring key blocks.
+
+  Args:
+    q: [b, l, kv_heads, group, d], already scaled; k, v: [b, l, kv_heads, d].
+    block: tile length; before/after: how many neighbouring key blocks each
+      query block sees on each side (1/1 sliding window, 1/0 causal window,
+      0/0 independent chunks).
+    radius: keys farther than this from the query are masked; None = the whole
+      neighbouring blocks.
+    segment_ids: [b, l] int32 or None.
+    bias_fn: maps query_pos - key_pos to an additive [.., heads] bias.
+    key_exclude: [b, l] bool, keys this part must not use (they are counted
+      in another part, e.g. global tokens).
+    weight_fn: maps the [block, window] relative positions to a multiplicative
+      [kv_heads, group, block, window] weight (adaptive span's soft mask).
+  Returns:
+    A Part over the first l queries.
+  """
+  b, length, kv_heads, group, d = q.shape
+  n = -(-length // block)
+  padded = n * block
+  before, after = min(before, n - 1), min(after, n - 1)
+  width = (before + 1 + after) * block
+
+  qb = _core.pad_axis(q, 1, padded).reshape(b, n, block, kv_heads, group, d)
+  to_window = lambda x: _core.neighbor_blocks(
+      _core.pad_axis(x, 1, padded).reshape((b, n, block) + x.shape[2:]),
+      before=before, after=after)
+  kw, vw = to_window(k), to_window(v)
+
+  # Offsets inside a tile: query r of block m is at m * block + r, key t of its
+  # window at (m - before) * block + t.
+  r = np.arange(block)[:, None]
+  t = np.arange(width)[None, :]
+  rel = r - t + before * block  # query_pos - key_pos, the same for every block
+  mask = np.ones((block, width), bool)
+  if radius is not None:
+    mask &= np.abs(rel) <= radius
+  if causal:
+    mask &= rel >= 0
+  key_pos = (np.arange(n)[:, None] - before) * block + np.arange(width)[None, :]
+  mask = mask[None] & ((key_pos >= 0) & (key_pos < length))[:, None, :]
+  mask = jnp.asarray(mask)[None, :, None, None]  # [1, n, 1, 1, block, width]
+
+  if segment_ids is not None:
+    seg_q = _core.pad_axis(segment_ids, 1, padded).reshape(b, n, block)
+    seg_k = to_window(segment_ids)
+    mask = mask & (seg_q[:, :, :, None] == seg_k[:, :, None, :])[:, :, None, None]
+  if key_exclude is not None:
+    mask = mask & ~to_window(key_exclude)[:, :, None, None, None, :]
+
+  bias = None
+  if bias_fn is not None:
+    bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (0, 1), (2, 3))
+  weight = None
+  if weight_fn is not None:
+    weight = weight_fn(rel)  # [kv_heads, group, block, width]
+    mask = mask & (weight > 0)
+  part = _core.attend_blocks(qb, kw, vw, mask=mask, bias=bias, weight=weight)
+  return _core.slice_part(part, length)
+
+
+def local(q, k, v, *, radius: int, causal: bool = False, segment_ids=None,
+          bias_fn: Optional[_core.BiasFn] = None, scale: Optional[float] = None,
+          implementation: str = 'auto', block_size: Optional[int] = None):
+  """Sliding-window attention: query i sees key j iff |i - j| <= radius.
+
+  Args:
+    q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads,
+      head_dim] with heads % kv_heads == 0 (grouped-query attention).
+    radius: window radius (>= 1); causal windows see radius keys back.
+    causal: also require j <= i.
+    segment_ids: [batch, length] ints; tokens attend only within their segment.
+    bias_fn: optional position bias, f(query_pos - key_pos) -> [..., heads].
+    scale: softmax scale, default 1/sqrt(head_dim).
+    implementation: 'xla' (blocked, everywhere), 'cudnn' (GPU fused kernel via
+      jax.nn.dot_product_attention(local_window_size=...)), or 'auto'.
+    block_size: tile length (>= radius); default max(radius, 16).
+  Returns:
+    [batch, length, heads, head_dim] in q's dtype.
+  """
+  name = 'local'
+  batch, length, kv_len, _, kv_heads, dim = _core.check_qkv(q, k, v, name)
+  if kv_len != length:
+    raise ValueError(f'{name}: is self-attention; q and k lengths differ ({length} vs {kv_len}).')
+  radius = _core.check_positive_int(radius, name, 'radius')
+  segment_ids = _core.check_segment_ids(segment_ids, batch, length, name)
+  ok, why = _core.cudnn_supports(q, segment_ids=segment_ids, bias_fn=bias_fn)
+  if _core.resolve_implementation(implementation, name, cudnn_ok=ok, why_not=why) == 'cudnn':
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=causal,
+        local_window_size=(radius, 0 if causal else radius), implementation='cudnn')
+  block = block_size or default_block(radius)
+  if block < radius:
+    raise ValueError(f'{name}: block_size ({block}) must be >= radius ({radius}).')
+  scale = _core.default_scale(dim, scale)
+  qg = _core.group_queries(q * jnp.asarray(scale, q.dtype), kv_heads)
+  part = window_part(qg, k, v, block=block, before=1, after=0 if causal else 1,
+                     radius=radius, causal=causal, segment_ids=segment_ids,
+                     bias_fn=bias_fn)
+  return _core.merge([part], q.dtype)

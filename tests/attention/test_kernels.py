@@ -1,0 +1,247 @@
+"""Every attention kind against an independent dense reference: outputs and gradients."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longjax import attention
+from tests.attention import reference as ref
+
+HEADS, KV_HEADS, DIM = 4, 2, 8
+
+
+def make_inputs(seed, length, batch=2, dtype=jnp.float32, kv_heads=KV_HEADS):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(batch, length, HEADS, DIM))
+  k = rng.normal(size=(batch, length, kv_heads, DIM))
+  v = rng.normal(size=(batch, length, kv_heads, DIM))
+  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def make_segments(seed, length, batch=2):
+  """Contiguous segments of random lengths (1..length/2), padding (0) at the end."""
+  rng = np.random.default_rng(seed + 100)
+  out = np.zeros((batch, length), np.int32)
+  for b in range(batch):
+    pos, seg = 0, 1
+    end = length - rng.integers(0, length // 5 + 1)
+    while pos < end:
+      n = int(rng.integers(1, max(2, length // 2)))
+      out[b, pos:min(end, pos + n)] = seg
+      pos += n
+      seg += 1
+  return jnp.asarray(out)
+
+
+# kind -> (kernel call, dense reference), both f(q, k, v, causal, segment_ids).
+def _local_ref(q, k, v, causal, seg, radius):
+  mask = ref.mask_local(q.shape[0], q.shape[1], radius=radius, causal=causal, segment_ids=seg)
+  return ref.dense(q, k, v, mask)
+
+
+def _global_ref(q, k, v, causal, seg, radius, is_global):
+  mask = ref.mask_global_local(q.shape[0], q.shape[1], radius=radius,
+                               is_global=is_global, causal=causal, segment_ids=seg)
+  return ref.dense(q, k, v, mask)
+
+
+def _first_global(length, num_global, batch=2):
+  return np.broadcast_to(np.arange(length) < num_global, (batch, length))
+
+
+SPANS = jnp.array([0.0, 3.5, 9.0, 40.0])
+
+
+def _adaptive_ref(q, k, v, causal, seg, max_span, ramp, spans=SPANS):
+  mask = ref.mask_local(q.shape[0], q.shape[1], radius=max_span, causal=causal, segment_ids=seg)
+  return ref.dense(q, k, v, mask, weight=ref.adaptive_weight(q.shape[1], spans, ramp))
+
+
+GLOBAL_MASK = np.zeros((2, 67), bool)
+GLOBAL_MASK[0, [3, 30, 31, 50]] = True
+GLOBAL_MASK[1, [0, 66]] = True
+
+CASES = {
+    'full': (
+        lambda q, k, v, causal, seg: attention.dot_product(q, k, v, causal=causal, segment_ids=seg),
+        lambda q, k, v, causal, seg: ref.dense(
+            q, k, v, ref.mask_full(q.shape[0], q.shape[1], q.shape[1], causal=causal, segment_ids=seg))),
+    'local_r3': (
+        lambda q, k, v, causal, seg: attention.local(q, k, v, radius=3, causal=causal, segment_ids=seg),
+        functools.partial(_local_ref, radius=3)),
+    'local_r20': (
+        lambda q, k, v, causal, seg: attention.local(q, k, v, radius=20, causal=causal, segment_ids=seg),
+        functools.partial(_local_ref, radius=20)),
+    'global_local': (
+        lambda q, k, v, causal, seg: attention.global_local(
+            q, k, v, radius=4, num_global=3, causal=causal, segment_ids=seg),
+        lambda q, k, v, causal, seg: _global_ref(
+            q, k, v, causal, seg, radius=4, is_global=_first_global(q.shape[1], 3))),
+    'global_local_mask': (
+        lambda q, k, v, causal, seg: attention.global_local(
+            q, k, v, radius=4, num_global=5, causal=causal, segment_ids=seg,
+            global_mask=jnp.asarray(GLOBAL_MASK[:, :q.shape[1]])),
+        lambda q, k, v, causal, seg: _global_ref(
+            q, k, v, causal, seg, radius=4, is_global=GLOBAL_MASK[:, :q.shape[1]])),
+    'transient_global': (
+        lambda q, k, v, causal, seg: attention.transient_global(
+            q, k, v, radius=3, block_size=5, causal=causal, segment_ids=seg),
+        lambda q, k, v, causal, seg: ref.transient_global(
+            q, k, v, radius=3, block_size=5, causal=causal, segment_ids=seg)),
+    'hierarchical': (
+        lambda q, k, v, causal, seg: attention.hierarchical(
+            q, k, v, block_size=4, causal=causal, segment_ids=seg),
+        lambda q, k, v, causal, seg: ref.hierarchical(
+            q, k, v, block_size=4, causal=causal, segment_ids=seg)),
+    'adaptive_span': (
+        lambda q, k, v, causal, seg: attention.adaptive_span(
+            q, k, v, spans=SPANS, max_span=12, ramp=4.0, causal=causal, segment_ids=seg),
+        functools.partial(_adaptive_ref, max_span=12, ramp=4.0)),
+    'chunked': (
+        lambda q, k, v, causal, seg: attention.chunked(q, k, v, block_size=6, causal=causal, segment_ids=seg),
+        lambda q, k, v, causal, seg: ref.dense(q, k, v, ref.mask_chunked(
+            q.shape[0], q.shape[1], block_size=6, causal=causal, segment_ids=seg))),
+}
+
+
+def _loss(fn, cotangent):
+  return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
+
+
+@pytest.mark.parametrize('segments', [False, True], ids=['noseg', 'seg'])
+@pytest.mark.parametrize('causal', [False, True], ids=['bidir', 'causal'])
+@pytest.mark.parametrize('length', [37, 67])
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_matches_dense_reference_fp32(case, length, causal, segments):
+  kernel, reference = CASES[case]
+  q, k, v = make_inputs(length, length)
+  seg = make_segments(length, length) if segments else None
+  got = jax.jit(lambda q, k, v: kernel(q, k, v, causal, seg))(q, k, v)
+  want = jax.jit(lambda q, k, v: reference(q, k, v, causal, seg))(q, k, v)
+  assert got.shape == q.shape and got.dtype == q.dtype
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+  cotangent = jax.random.normal(jax.random.key(1), q.shape)
+  got_grads = jax.jit(jax.grad(_loss(lambda q, k, v: kernel(q, k, v, causal, seg), cotangent),
+                               argnums=(0, 1, 2)))(q, k, v)
+  want_grads = jax.jit(jax.grad(
+      _loss(lambda q, k, v: reference(q, k, v, causal, seg), cotangent),
+      argnums=(0, 1, 2)))(q, k, v)
+  for name, g, w in zip('qkv', got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5, err_msg=f'd/d{name}')
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_bf16_close_to_fp32_reference(case):
+  kernel, reference = CASES[case]
+  length = 67
+  q, k, v = make_inputs(7, length, dtype=jnp.bfloat16)
+  seg = make_segments(7, length)
+  got = jax.jit(lambda q, k, v: kernel(q, k, v, True, seg))(q, k, v)
+  assert got.dtype == jnp.bfloat16
+  want = jax.jit(lambda q, k, v: reference(q, k, v, True, seg))(q, k, v)
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=4e-2, rtol=4e-2)
+  cotangent = jax.random.normal(jax.random.key(2), q.shape)
+  got_grads = jax.jit(jax.grad(_loss(lambda q, k, v: kernel(q, k, v, True, seg), cotangent),
+                               argnums=(0, 1, 2)))(q, k, v)
+  want_grads = jax.jit(jax.grad(
+      _loss(lambda q, k, v: reference(q, k, v, True, seg), cotangent),
+      argnums=(0, 1, 2)))(q, k, v)
+  for g, w in zip(got_grads, want_grads):
+    assert g.dtype == jnp.bfloat16
+    g = np.asarray(g, np.float32)
+    assert np.all(np.isfinite(g))
+    # bf16 rounding of inputs and products: compare relative to the gradient's scale.
+    np.testing.assert_allclose(g, w, atol=0.05 * float(np.abs(w).max()), rtol=0)
+
+
+def test_adaptive_span_gradient_reaches_spans():
+  length = 37
+  q, k, v = make_inputs(3, length)
+  spans = jnp.array([1.0, 3.5, 9.0, 20.0])
+  cotangent = jax.random.normal(jax.random.key(3), q.shape)
+
+  def loss(fn):
+    return lambda spans: jnp.sum(fn(spans) * cotangent)
+
+  got = jax.grad(loss(lambda s: attention.adaptive_span(
+      q, k, v, spans=s, max_span=24, ramp=4.0, causal=True)))(spans)
+  want = jax.grad(loss(lambda s: _adaptive_ref(q, k, v, True, None, 24, 4.0, spans=s)))(spans)
+  assert np.all(np.abs(want) > 0)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_adaptive_span_needed_radius_gives_same_output():
+  q, k, v = make_inputs(4, 67)
+  spans = jnp.array([0.0, 2.0, 5.5, 7.0])
+  radius = attention.needed_radius(spans, ramp=4.0, max_span=40)
+  assert radius == 10  # m(x) > 0 iff x < 4 + 7
+  full = attention.adaptive_span(q, k, v, spans=spans, max_span=40, ramp=4.0)
+  trimmed = attention.adaptive_span(q, k, v, spans=spans, max_span=40, ramp=4.0, radius=radius)
+  np.testing.assert_allclose(trimmed, full, atol=1e-6)
+  shorter = attention.adaptive_span(q, k, v, spans=spans, max_span=40, ramp=4.0, radius=radius - 1)
+  assert not np.allclose(shorter, full, atol=1e-6)
+  np.testing.assert_allclose(attention.span_penalty(spans), np.mean(spans))
+
+
+def test_position_bias_matches_reference():
+  """bias_fn receives query_pos - key_pos and adds a per-head bias."""
+  length = 67
+  q, k, v = make_inputs(5, length)
+  table = jax.random.normal(jax.random.key(0), (2 * length + 1, HEADS))
+  bias_fn = lambda rel: table[rel + length]
+  rel = np.arange(length)[:, None] - np.arange(length)[None, :]
+  dense_bias = jnp.moveaxis(table[rel + length], -1, 0)[None]
+  for causal in (False, True):
+    want = ref.dense(q, k, v, ref.mask_local(2, length, radius=9, causal=causal), bias=dense_bias)
+    got = attention.local(q, k, v, radius=9, causal=causal, bias_fn=bias_fn)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    want = ref.dense(q, k, v, ref.mask_full(2, length, length, causal=causal), bias=dense_bias)
+    got = attention.dot_product(q, k, v, causal=causal, bias_fn=bias_fn)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    got = attention.global_local(q, k, v, radius=length, num_global=2, causal=causal,
+                                 bias_fn=bias_fn)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_cross_attention_and_fully_masked_rows():
+  q, _, _ = make_inputs(6, 11)
+  _, k, v = make_inputs(8, 29)
+  q_seg = jnp.array([[1] * 6 + [0] * 5, [1] * 11])
+  kv_seg = jnp.array([[1] * 20 + [0] * 9, [2] * 29])  # row 1: no key shares segment 1
+  got = attention.dot_product(q, k, v, segment_ids=q_seg, kv_segment_ids=kv_seg)
+  want = ref.dense(q, k, v, ref.mask_full(2, 11, 29, causal=False, segment_ids=q_seg,
+                                           kv_segment_ids=kv_seg))
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  np.testing.assert_array_equal(got[1], 0.0)
+  grads = jax.grad(lambda q, k, v: jnp.sum(attention.dot_product(
+      q, k, v, segment_ids=q_seg, kv_segment_ids=kv_seg)), argnums=(0, 1, 2))(q, k, v)
+  assert all(np.all(np.isfinite(g)) for g in grads)
+  # Causal cross-attention: the queries are the last positions of the keys.
+  got = attention.dot_product(q, k, v, causal=True)
+  np.testing.assert_allclose(got, ref.dense(q, k, v, ref.mask_full(2, 11, 29, causal=True)),
+                             atol=2e-5)
+
+
+def test_local_window_matches_jax_dot_product_attention_window():
+  """The cuDNN path passes local_window_size=(r, r) / (r, 0); check that jax
+  means the same window, through its XLA implementation (runs on CPU)."""
+  q, k, v = make_inputs(9, 67, kv_heads=HEADS)
+  for causal in (False, True):
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='xla',
+                                        local_window_size=(5, 0 if causal else 5))
+    np.testing.assert_allclose(attention.local(q, k, v, radius=5, causal=causal), want,
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_implementation_switch_on_cpu():
+  q, k, v = make_inputs(10, 33)
+  xla = attention.local(q, k, v, radius=4, implementation='xla')
+  np.testing.assert_array_equal(attention.local(q, k, v, radius=4, implementation='auto'), xla)
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(ValueError, match='needs a GPU'):
+      attention.local(q, k, v, radius=4, implementation='cudnn')
+  with pytest.raises(ValueError, match="'auto', 'xla' or 'cudnn'"):
+    attention.dot_product(q, k, v, implementation='flash')
