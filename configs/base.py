@@ -33,7 +33,6 @@ def get_model_config() -> ml_collections.ConfigDict:
   model.dtype = 'bfloat16'  # Compute dtype of matmuls (softmax, norms, logits stay fp32).
   model.param_dtype = 'float32'  # Master weights.
   model.remat = 'none'  # 'none', 'full', or a named policy ('save_dots', 'save_attention_out').
-  model.scan_layers = False  # Scan over identical layers (faster compile for deep models).
 
   attention = ml_collections.ConfigDict()
   attention.kind = 'full'  # One of longjax.attention.KINDS.
