@@ -1,0 +1,153 @@
+"""Building blocks: parameters with logical axis names, norms, embeddings,
+the gated MLP, rotary embeddings and T5 relative position buckets.
+
+Every weight is an `nnx.Param` carrying `logical_axes` metadata (one logical
+name per dimension); `longjax.sharding` turns those into mesh layouts. Weights
+are stored in `param_dtype` (fp32 master weights) and cast to the compute
+dtype where they are used; norms, softmax and logits are computed in fp32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from longjax import sharding
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], logical_axes: Sequence[str],
+          dtype) -> nnx.Param:
+  """A weight initialised by init(key, shape, dtype), named axis by axis."""
+  if len(shape) != len(logical_axes):
+    raise ValueError(f'{len(shape)}-d weight {tuple(shape)} needs {len(shape)} axis names, '
+                     f'got {tuple(logical_axes)}')
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(logical_axes))
+
+
+def normal(stddev: float):
+  return jax.nn.initializers.normal(stddev)
+
+
+def dropout(x, rate: float, key: Optional[jax.Array]):
+  """Inverted dropout; identity when key is None (evaluation) or rate is 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square layer norm (T5, LLaMA), computed in fp32."""
+
+  def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, eps: float = 1e-6):
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ('norm',), param_dtype)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding; `attend` is the tied output projection (fp32 logits)."""
+
+  def __init__(self, vocab_size: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.table = param(rngs, normal(1.0), (vocab_size, dim), ('vocab', 'embed'), param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, ids):
+    return jnp.take(self.table[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    # Unit-variance embeddings: scale the tied readout by 1/sqrt(d) (as T5
+    # does) so initial logits are O(1).
+    table = self.table[...].astype(self.dtype)
+    logits = jnp.einsum('ble,ve->blv', x, table, preferred_element_type=jnp.float32)
+    return logits / math.sqrt(x.shape[-1])
+
+
+class MLP(nnx.Module):
+  """Gated SiLU feed-forward (SwiGLU, Shazeer 2020)."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.wi_gate = param(rngs, normal(dim ** -0.5), (dim, hidden), ('embed', 'mlp'), param_dtype)
+    self.wi_up = param(rngs, normal(dim ** -0.5), (dim, hidden), ('embed', 'mlp'), param_dtype)
+    self.wo = param(rngs, normal(hidden ** -0.5), (hidden, dim), ('mlp', 'embed'), param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x):
+    w = lambda p: p[...].astype(self.dtype)
+    gate = jnp.einsum('ble,em->blm', x, w(self.wi_gate))
+    up = jnp.einsum('ble,em->blm', x, w(self.wi_up))
+    h = sharding.constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'mlp'))
+    return jnp.einsum('blm,me->ble', h, w(self.wo))
+
+
+def apply_rope(x, positions, max_wavelength: float):
+  """Rotary position embedding (Su et al. 2021) on [b, l, heads, d] at positions [b, l].
+
+  Rotates feature pairs (i, i + d/2) by positions * max_wavelength^(-2i/d);
+  computed in fp32.
+  """
+  d = x.shape[-1]
+  fraction = jnp.arange(d // 2, dtype=jnp.float32) * 2 / d
+  inv_freq = max_wavelength ** -fraction
+  angle = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [b, l, 1, d/2]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def t5_bucket(rel, *, bidirectional: bool, num_buckets: int, max_distance: int):
+  """T5's relative position bucket of query_pos - key_pos (Raffel et al. 2020).
+
+  Exact buckets for small distances, logarithmic up to max_distance; the
+  bidirectional form uses half the buckets for keys after the query.
+  """
+  n = jnp.asarray(rel, jnp.int32)  # query - key: > 0 means the key is in the past
+  bucket = jnp.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = bucket + (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  large = max_exact + (
+      jnp.log(n.astype(jnp.float32) / max_exact + np.finfo(np.float32).eps)
+      / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(n < max_exact, n, large)
+
+
+class RelativePositionBias(nnx.Module):
+  """T5 relative position bias, shared by all layers of a stack.
+
+  Calling it returns the `bias_fn` the attention kernels take:
+  bias_fn(query_pos - key_pos) -> [..., heads] fp32.
+  """
+
+  def __init__(self, num_heads: int, *, num_buckets: int, max_distance: int,
+               bidirectional: bool, param_dtype, rngs: nnx.Rngs):
+    self.table = param(rngs, normal(0.1), (num_buckets, num_heads), ('relpos_buckets', 'heads'),
+                       param_dtype)
+    self.num_buckets = num_buckets
+    self.max_distance = max_distance
+    self.bidirectional = bidirectional
+
+  def __call__(self):
+    table = self.table[...].astype(jnp.float32)
+
+    def bias_fn(rel):
+      bucket = t5_bucket(rel, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+                         max_distance=self.max_distance)
+      return jnp.take(table, bucket, axis=0)
+
+    return bias_fn

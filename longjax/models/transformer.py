@@ -1,0 +1,233 @@
+"""The decoder-only language model and the encoder-decoder.
+
+Pre-norm Transformer blocks (RMSNorm, attention, gated MLP) whose attention
+kind is chosen per layer (`model.attention.layer_pattern`). Each block can be
+rematerialised in the backward pass (`model.remat`), which keeps activation
+memory at long lengths to one layer's worth plus the residual stream.
+
+Both models return (logits in fp32, aux) where aux holds, for adaptive-span
+layers, `span_penalty` (sum over layers of the mean span in tokens, to be
+weighted by `model.attention.span_loss_coef`) and `mean_span`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longjax import sharding
+from longjax.models import layers
+from longjax.models.attention import CrossAttention, SelfAttention
+from longjax.models.config import ModelConfig
+
+_REMAT_POLICIES = {
+    'full': None,  # save nothing inside a block
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'attention_out': jax.checkpoint_policies.save_only_these_names('attention_out'),
+}
+
+
+def _norm(config: ModelConfig, rngs):
+  return layers.RMSNorm(config.emb_dim, dtype=config.compute_dtype,
+                        param_dtype=config.weight_dtype, rngs=rngs)
+
+
+def _layer_key(key, index):
+  return None if key is None else jax.random.fold_in(key, index)
+
+
+def _call_block(config: ModelConfig, block, *args, **kwargs):
+  """Calls block(*args, **kwargs), rematerialised as `model.remat` says.
+
+  Arrays go through `args`; `kwargs` (the position-bias closure) are closed over.
+  """
+  if config.remat == 'none':
+    return block(*args, **kwargs)
+  fn = nnx.remat(lambda block, *a: block(*a, **kwargs), policy=_REMAT_POLICIES[config.remat])
+  return fn(block, *args)
+
+
+def _collect_aux(auxes) -> dict:
+  spans = [a['span'] for a in auxes if 'span' in a]
+  if not spans:
+    return {}
+  spans = jnp.stack(spans)
+  return dict(span_penalty=jnp.sum(spans), mean_span=jnp.mean(spans))
+
+
+def check_length(config: ModelConfig, length: int, what: str = 'sequence'):
+  if length > config.max_len:
+    raise ValueError(f'{what} length {length} exceeds model.max_len = {config.max_len}; '
+                     f'shorten the input or raise model.max_len.')
+
+
+class Block(nnx.Module):
+  """x + attention(norm(x)); x + mlp(norm(x)); optional cross-attention between."""
+
+  def __init__(self, config: ModelConfig, kind: str, *, causal: bool, cross: bool,
+               rngs: nnx.Rngs):
+    self.config = config
+    self.attention_norm = _norm(config, rngs)
+    self.attention = SelfAttention(config, kind, causal=causal, rngs=rngs)
+    if cross:
+      self.cross_norm = _norm(config, rngs)
+      self.cross_attention = CrossAttention(config, rngs=rngs)
+    self.mlp_norm = _norm(config, rngs)
+    self.mlp = layers.MLP(config.emb_dim, config.mlp_dim, dtype=config.compute_dtype,
+                          param_dtype=config.weight_dtype, rngs=rngs)
+
+  def __call__(self, x, positions, segment_ids, dropout_key, memory=None,
+               memory_segment_ids=None, *, bias_fn=None):
+    rate = self.config.dropout_rate
+    y, aux = self.attention(self.attention_norm(x), positions=positions,
+                            segment_ids=segment_ids, bias_fn=bias_fn)
+    x = x + layers.dropout(y, rate, _layer_key(dropout_key, 0))
+    if memory is not None:
+      y = self.cross_attention(self.cross_norm(x), self.cross_attention.project_memory(memory),
+                               segment_ids=segment_ids, memory_segment_ids=memory_segment_ids)
+      x = x + layers.dropout(y, rate, _layer_key(dropout_key, 1))
+    y = self.mlp(self.mlp_norm(x))
+    x = x + layers.dropout(y, rate, _layer_key(dropout_key, 2))
+    return sharding.constrain(x, ('batch', 'length', 'embed')), aux
+
+
+class _Stack(nnx.Module):
+  """Embedding-free stack of blocks with its position scheme and final norm."""
+
+  def __init__(self, config: ModelConfig, kinds, *, causal: bool, cross: bool,
+               rngs: nnx.Rngs):
+    self.config = config
+    self.blocks = nnx.List([Block(config, kind, causal=causal, cross=cross, rngs=rngs)
+                            for kind in kinds])
+    if config.positions == 't5_bias':
+      self.relative_bias = layers.RelativePositionBias(
+          config.num_heads, num_buckets=config.t5_num_buckets,
+          max_distance=config.t5_max_distance, bidirectional=not causal,
+          param_dtype=config.weight_dtype, rngs=rngs)
+    self.final_norm = _norm(config, rngs)
+
+  def __call__(self, x, positions, segment_ids, dropout_key, memory=None,
+               memory_segment_ids=None):
+    bias_fn = self.relative_bias() if self.config.positions == 't5_bias' else None
+    auxes = []
+    for i, block in enumerate(self.blocks):
+      x, aux = _call_block(self.config, block, x, positions, segment_ids,
+                           _layer_key(dropout_key, i), memory, memory_segment_ids,
+                           bias_fn=bias_fn)
+      auxes.append(aux)
+    return self.final_norm(x), auxes
+
+
+class _Embedder(nnx.Module):
+  """Token embedding (+ learned positions) and the output projection."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    self.config = config
+    kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+    self.token = layers.Embed(config.vocab_size, config.emb_dim, **kw)
+    if config.positions == 'learned':
+      self.position = layers.Embed(config.max_len, config.emb_dim, **kw)
+    if not config.tie_embeddings:
+      self.head = layers.param(rngs, layers.normal(config.emb_dim ** -0.5),
+                               (config.emb_dim, config.vocab_size), ('embed', 'vocab'),
+                               config.weight_dtype)
+
+  def embed(self, ids, positions, dropout_key):
+    x = self.token(ids)
+    if self.config.positions == 'learned':
+      x = x + self.position(positions)
+    x = layers.dropout(x, self.config.dropout_rate, dropout_key)
+    return sharding.constrain(x, ('batch', 'length', 'embed'))
+
+  def logits(self, x):
+    if self.config.tie_embeddings:
+      logits = self.token.attend(x)
+    else:
+      logits = jnp.einsum('ble,ev->blv', x, self.head[...].astype(self.config.compute_dtype),
+                          preferred_element_type=jnp.float32)
+    return sharding.constrain(logits, ('batch', 'length', 'vocab'))
+
+
+def _default_positions(ids):
+  return jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+
+
+class TransformerLM(nnx.Module):
+  """Decoder-only causal language model."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if config.kind != 'lm':
+      raise ValueError(f"TransformerLM needs model.kind = 'lm'; got {config.kind!r}.")
+    self.config = config
+    self.embedder = _Embedder(config, rngs)
+    self.decoder = _Stack(config, config.layer_kinds(), causal=True, cross=False, rngs=rngs)
+
+  def __call__(self, inputs, *, segment_ids=None, positions=None,
+               dropout_key: Optional[jax.Array] = None):
+    """inputs [b, l] int -> (logits [b, l, vocab] fp32, aux).
+
+    segment_ids [b, l]: packed documents attend only within themselves;
+    positions [b, l]: position of each token in its document (default 0..l-1);
+    dropout_key: a PRNG key to train with dropout, None to evaluate.
+    """
+    check_length(self.config, inputs.shape[1])
+    if positions is None:
+      positions = _default_positions(inputs)
+    x = self.embedder.embed(inputs, positions, _layer_key(dropout_key, 10_000))
+    x, auxes = self.decoder(x, positions, segment_ids, dropout_key)
+    return self.embedder.logits(x), _collect_aux(auxes)
+
+
+class EncoderDecoder(nnx.Module):
+  """Encoder with long attention over the source; causal decoder with cross-attention."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if config.kind != 'encoder_decoder':
+      raise ValueError(f"EncoderDecoder needs model.kind = 'encoder_decoder'; got "
+                       f'{config.kind!r}.')
+    self.config = config
+    self.embedder = _Embedder(config, rngs)
+    self.encoder = _Stack(config, config.layer_kinds(), causal=False, cross=False, rngs=rngs)
+    decoder_kinds = (config.attention.decoder_kind,) * config.decoder_layers
+    self.decoder = _Stack(config, decoder_kinds, causal=True, cross=True, rngs=rngs)
+
+  def encode(self, inputs, *, segment_ids=None, positions=None, dropout_key=None):
+    """Source [b, s] -> (encoded [b, s, emb], aux list)."""
+    check_length(self.config, inputs.shape[1], 'source')
+    if positions is None:
+      positions = _default_positions(inputs)
+    x = self.embedder.embed(inputs, positions, _layer_key(dropout_key, 10_000))
+    return self.encoder(x, positions, segment_ids, _layer_key(dropout_key, 20_000))
+
+  def decode(self, encoded, decoder_inputs, *, encoder_segment_ids, decoder_segment_ids,
+             decoder_positions=None, dropout_key=None):
+    """Teacher-forced decoder: -> logits [b, t, vocab] fp32."""
+    check_length(self.config, decoder_inputs.shape[1], 'target')
+    if decoder_positions is None:
+      decoder_positions = _default_positions(decoder_inputs)
+    y = self.embedder.embed(decoder_inputs, decoder_positions, _layer_key(dropout_key, 30_000))
+    y, _ = self.decoder(y, decoder_positions, decoder_segment_ids,
+                        _layer_key(dropout_key, 40_000), memory=encoded,
+                        memory_segment_ids=encoder_segment_ids)
+    return self.embedder.logits(y)
+
+  def __call__(self, inputs, decoder_inputs, *, inputs_segment_ids=None,
+               decoder_segment_ids=None, inputs_positions=None, decoder_positions=None,
+               dropout_key: Optional[jax.Array] = None):
+    """(source [b, s], decoder inputs [b, t]) -> (logits [b, t, vocab] fp32, aux).
+
+    Segment ids mark real tokens (>= 1) and padding (0); decoder tokens see
+    only encoder tokens of the same segment id, so source padding is invisible.
+    """
+    if inputs_segment_ids is None:
+      inputs_segment_ids = jnp.ones(inputs.shape, jnp.int32)
+    if decoder_segment_ids is None:
+      decoder_segment_ids = jnp.ones(decoder_inputs.shape, jnp.int32)
+    encoded, auxes = self.encode(inputs, segment_ids=inputs_segment_ids,
+                                 positions=inputs_positions, dropout_key=dropout_key)
+    logits = self.decode(encoded, decoder_inputs, encoder_segment_ids=inputs_segment_ids,
+                         decoder_segment_ids=decoder_segment_ids,
+                         decoder_positions=decoder_positions, dropout_key=dropout_key)
+    return logits, _collect_aux(auxes)
