@@ -25,7 +25,7 @@ from longjax.attention import _core
 
 
 class Pooled(NamedTuple):
-  """Group means. k, v: [b, groups, kv_heads, d]; count (valid tokens),
+  """Group means. k, v: [b, kv_heads, groups, d]; count (valid tokens),
   segment and pure: [b, groups]. `pure` groups have >= 1 token, all of one
   segment (`segment`); impure groups are seen only through boundary keys."""
   k: jax.Array
@@ -38,7 +38,7 @@ class Pooled(NamedTuple):
 class Boundary(NamedTuple):
   """Per-query partial means of the (at most two) boundary groups of its segment.
 
-  k, v: [b, l, 2, kv_heads, d]; count: [b, l, 2] float; group: [b, l, 2]
+  k, v: [b, kv_heads, l, 2, d]; count: [b, l, 2] float; group: [b, l, 2]
   int32 (index of the group); exists: [b, l, 2] bool.
   """
   k: jax.Array
@@ -50,15 +50,15 @@ class Boundary(NamedTuple):
 
 def pool_groups(k, v, *, group_size: int, num_groups: int, length: int,
                 segment_ids=None) -> Pooled:
-  """Mean of k and v over tokens [c * group_size, (c + 1) * group_size) ∩ [0, length)."""
-  b, _, hk, d = k.shape
+  """Mean of k and v [b, kv_heads, l, d] over tokens [c * group_size, (c + 1) * group_size) ∩ [0, length)."""
+  b, hk, _, d = k.shape
   padded = num_groups * group_size
   valid = jnp.arange(padded) < length
-  sums = lambda x: _core.pad_axis(x.astype(jnp.float32), 1, padded).reshape(
-      b, num_groups, group_size, hk, d).sum(axis=2)
+  sums = lambda x: _core.pad_axis(x.astype(jnp.float32), 2, padded).reshape(
+      b, hk, num_groups, group_size, d).sum(axis=3)
   count = valid.reshape(num_groups, group_size).sum(axis=1).astype(jnp.float32)
   count = jnp.broadcast_to(count, (b, num_groups))
-  safe = jnp.maximum(count, 1.0)[..., None, None]
+  safe = jnp.maximum(count, 1.0)[:, None, :, None]
   k_mean = (sums(k) / safe).astype(k.dtype)
   v_mean = (sums(v) / safe).astype(v.dtype)
   if segment_ids is None:
@@ -71,8 +71,11 @@ def pool_groups(k, v, *, group_size: int, num_groups: int, length: int,
 
 
 def boundary_keys(k, v, *, group_size: int, segment_ids) -> Boundary:
-  """Partial group means of each query's segment-boundary groups (see module doc)."""
-  b, length, hk, d = k.shape
+  """Partial group means of each query's segment-boundary groups (see module doc).
+
+  k, v: [b, kv_heads, l, d] (heads-major).
+  """
+  b, hk, length, d = k.shape
   s = group_size
   num_groups = -(-length // s)
   padded = num_groups * s
@@ -81,18 +84,18 @@ def boundary_keys(k, v, *, group_size: int, segment_ids) -> Boundary:
   # Inclusive prefix sums restarting at every group: partial sums stay as
   # small as a group, so fp32 keeps them exact enough at any length.
   def prefix(x):
-    x = _core.pad_axis(x.astype(jnp.float32), 1, padded)
-    inclusive = jnp.cumsum(x.reshape(b, num_groups, s, hk, d), axis=2)
-    return x, inclusive.reshape(b, padded, hk, d)
+    x = _core.pad_axis(x.astype(jnp.float32), 2, padded)
+    inclusive = jnp.cumsum(x.reshape(b, hk, num_groups, s, d), axis=3)
+    return x, inclusive.reshape(b, hk, padded, d)
 
   k_x, k_inc = prefix(k)
   v_x, v_inc = prefix(v)
 
   def range_mean(x, inc, lo, hi):
-    """Mean over [lo, hi) for ranges inside one group; lo, hi: [b, l]."""
-    at = lambda a, i: jnp.take_along_axis(a, i[:, :, None, None], axis=1)
+    """Mean over [lo, hi) for ranges inside one group; lo, hi: [b, l] -> [b, hk, l, d]."""
+    at = lambda a, i: jnp.take_along_axis(a, i[:, None, :, None], axis=2)
     total = at(inc, hi - 1) - at(inc, lo) + at(x, lo)
-    return total / jnp.maximum(hi - lo, 1)[:, :, None, None].astype(jnp.float32)
+    return total / jnp.maximum(hi - lo, 1)[:, None, :, None].astype(jnp.float32)
 
   group_end = lambda c: jnp.minimum((c + 1) * s, length)
   first = start // s
@@ -104,9 +107,9 @@ def boundary_keys(k, v, *, group_size: int, segment_ids) -> Boundary:
   b_lo, b_hi = last * s, end
   b_exists = (last != first) & (group_end(last) > end)
 
-  stack = lambda x, y: jnp.stack([x, y], axis=2)
-  keys = stack(range_mean(k_x, k_inc, a_lo, a_hi), range_mean(k_x, k_inc, b_lo, b_hi))
-  values = stack(range_mean(v_x, v_inc, a_lo, a_hi), range_mean(v_x, v_inc, b_lo, b_hi))
-  count = stack(a_hi - a_lo, b_hi - b_lo).astype(jnp.float32)
+  stack = lambda x, y, axis: jnp.stack([x, y], axis=axis)
+  keys = stack(range_mean(k_x, k_inc, a_lo, a_hi), range_mean(k_x, k_inc, b_lo, b_hi), 3)
+  values = stack(range_mean(v_x, v_inc, a_lo, a_hi), range_mean(v_x, v_inc, b_lo, b_hi), 3)
+  count = stack(a_hi - a_lo, b_hi - b_lo, 2).astype(jnp.float32)
   return Boundary(keys.astype(k.dtype), values.astype(v.dtype), count,
-                  stack(first, last), stack(a_exists, b_exists))
+                  stack(first, last, 2), stack(a_exists, b_exists, 2))

@@ -82,14 +82,12 @@ def adaptive_span(q, k, v, *, spans, max_span: int, ramp: float = 32.0,
   if spans.shape != (heads,):
     raise ValueError(f'{name}: spans must be [heads] = ({heads},); got {spans.shape}.')
   segment_ids = _core.check_segment_ids(segment_ids, batch, length, name)
-  scale = _core.default_scale(dim, scale)
-  qg = _core.group_queries(q * jnp.asarray(scale, q.dtype), kv_heads)
-
   def weight_fn(rel):
     weight = soft_mask(np.abs(rel), spans, ramp)  # [heads, block, width]
     return weight.reshape((kv_heads, heads // kv_heads) + weight.shape[1:])
 
-  part = window_part(qg, k, v, block=default_block(radius), before=1,
+  part = window_part(_core.scaled_queries(q, kv_heads, dim, scale), _core.heads_major(k),
+                     _core.heads_major(v), block=default_block(radius), before=1,
                      after=0 if causal else 1, radius=radius, causal=causal,
                      segment_ids=segment_ids, bias_fn=bias_fn, weight_fn=weight_fn)
   return _core.merge([part], q.dtype)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax.numpy as jnp
-
 from longjax.attention import _core
 from longjax.attention.local import window_part
 
@@ -27,8 +25,7 @@ def chunked(q, k, v, *, block_size: int, causal: bool = False, segment_ids=None,
     raise ValueError(f'{name}: is self-attention; q and k lengths differ ({length} vs {kv_len}).')
   block_size = _core.check_positive_int(block_size, name, 'block_size')
   segment_ids = _core.check_segment_ids(segment_ids, batch, length, name)
-  scale = _core.default_scale(dim, scale)
-  qg = _core.group_queries(q * jnp.asarray(scale, q.dtype), kv_heads)
-  part = window_part(qg, k, v, block=block_size, before=0, after=0, radius=None,
+  part = window_part(_core.scaled_queries(q, kv_heads, dim, scale), _core.heads_major(k),
+                     _core.heads_major(v), block=block_size, before=0, after=0, radius=None,
                      causal=causal, segment_ids=segment_ids, bias_fn=bias_fn)
   return _core.merge([part], q.dtype)

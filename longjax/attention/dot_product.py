@@ -51,16 +51,15 @@ def dot_product(q, k, v, *, causal: bool = False, segment_ids=None,
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                         implementation='cudnn')
 
-  scale = _core.default_scale(dim, scale)
-  qg = _core.group_queries(q * jnp.asarray(scale, q.dtype), kv_heads)[:, None]
-  offset = kv_len - q_len
-  rel = (np.arange(q_len)[:, None] + offset) - np.arange(kv_len)[None, :]
-  mask = jnp.asarray(rel >= 0 if causal else np.ones_like(rel, bool))[None, None, None, None]
+  qh = _core.scaled_queries(q, kv_heads, dim, scale)[:, :, None]  # [b, hk, 1, g, lq, d]
+  kh, vh = (_core.heads_major(x)[:, :, None] for x in (k, v))      # [b, hk, 1, lk, d]
+  rel = (np.arange(q_len)[:, None] + kv_len - q_len) - np.arange(kv_len)[None, :]
+  mask = jnp.asarray(rel >= 0 if causal else np.ones_like(rel, bool))
   if segment_ids is not None:
     same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     mask = mask & same[:, None, None, None]
   bias = None
   if bias_fn is not None:
-    bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (0, 1), (2, 3))
-  part = _core.attend_blocks(qg, k[:, None], v[:, None], mask=mask, bias=bias)
+    bias = _core.bias_tile(bias_fn, rel, kv_heads)[None, :, None]
+  part = _core.attend_blocks(qh, kh, vh, mask=mask, bias=bias)
   return _core.merge([part], q.dtype)

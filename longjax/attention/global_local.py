@@ -63,8 +63,8 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
   num_global = _core.check_positive_int(num_global, name, 'num_global', minimum=0)
   segment_ids = _core.check_segment_ids(segment_ids, batch, length, name)
   num_global = min(num_global, length)
-  scale = _core.default_scale(dim, scale)
-  qg = _core.group_queries(q * jnp.asarray(scale, q.dtype), kv_heads)
+  qh = _core.scaled_queries(q, kv_heads, dim, scale)  # [b, hk, g, l, d]
+  kh, vh = _core.heads_major(k), _core.heads_major(v)  # [b, hk, l, d]
   positions = jnp.arange(length, dtype=jnp.int32)
 
   if global_mask is None:
@@ -79,39 +79,43 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
   is_global = jnp.zeros((batch, length), bool).at[rows, global_idx].max(global_valid)
 
   block = block_size or default_block(radius)
-  window = window_part(qg, k, v, block=block, before=1, after=0 if causal else 1,
+  window = window_part(qh, kh, vh, block=block, before=1, after=0 if causal else 1,
                        radius=radius, causal=causal, segment_ids=segment_ids,
                        bias_fn=bias_fn, key_exclude=is_global)
   if num_global == 0:
     return _core.merge([window], q.dtype)
 
-  # 2. Every query against the global keys.
-  take = lambda x: jnp.take_along_axis(
-      x, global_idx.reshape((batch, num_global) + (1,) * (x.ndim - 2)), axis=1)
-  k_glob, v_glob = take(k), take(v)  # [b, G, kv_heads, d]
+  # Gathers the global positions along the length axis `axis` of x.
+  def take(x, axis):
+    shape = [1] * x.ndim
+    shape[0], shape[axis] = batch, num_global
+    return jnp.take_along_axis(x, global_idx.reshape(shape), axis=axis)
+
   seg = segment_ids if segment_ids is not None else jnp.zeros((batch, length), jnp.int32)
-  seg_glob = take(seg)
+  seg_glob = take(seg, 1)
+
+  # 2. Every query against the global keys: a [l, G] tile.
   rel = positions[None, :, None] - global_idx[:, None, :]  # [b, l, G]
   mask = global_valid[:, None, :] & (seg[:, :, None] == seg_glob[:, None, :])
   if causal:
     mask &= rel >= 0
   bias = None
-  if bias_fn is not None:  # [b, l, G, hk, g] -> [b, 1, hk, g, l, G]
-    bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (1, 2), (3, 4))[:, None]
-  to_global = _core.attend_blocks(qg[:, None], k_glob[:, None], v_glob[:, None],
-                                  mask=mask[:, None, None, None], bias=bias)
+  if bias_fn is not None:  # [b, l, G, hk, g] -> [b, hk, 1, g, l, G]
+    bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (3, 4), (1, 2))[:, :, None]
+  to_global = _core.attend_blocks(qh[:, :, None], take(kh, 2)[:, :, None],
+                                  take(vh, 2)[:, :, None], mask=mask[:, None, None, None],
+                                  bias=bias)
   out = _core.merge([window, to_global], q.dtype)
 
-  # 3. Global queries attend every key; their rows replace the local ones.
-  q_glob = take(qg)  # [b, G, hk, g, d]
+  # 3. Global queries attend every key ([G, l] tile); their rows replace the local ones.
   rel = global_idx[:, :, None] - positions[None, None, :]  # [b, G, l]
   mask = seg_glob[:, :, None] == seg[:, None, :]
   if causal:
     mask &= rel >= 0
   bias = None
   if bias_fn is not None:
-    bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (1, 2), (3, 4))[:, None]
-  from_global = _core.attend_blocks(q_glob[:, None], k[:, None], v[:, None],
+    bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (3, 4), (1, 2))[:, :, None]
+  from_global = _core.attend_blocks(take(qh, 3)[:, :, None], kh[:, :, None], vh[:, :, None],
                                     mask=mask[:, None, None, None], bias=bias)
   out_glob = _core.merge([from_global], q.dtype)  # [b, G, heads, d]
   # Invalid (padding) entries of global_idx point at real positions: write

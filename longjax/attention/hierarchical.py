@@ -44,20 +44,21 @@ def num_levels(length: int, block_size: int) -> int:
   return levels
 
 
-def _coarse_level(qg, k, v, *, level, block, causal, segment_ids, bias_fn):
-  """The part of level `level` >= 1 over pure coarse keys."""
-  b, length, hk, g, d = qg.shape
+def _coarse_level(qh, kh, vh, *, level, block, causal, segment_ids, bias_fn):
+  """The part of level `level` >= 1 over pure coarse keys (heads-major inputs)."""
+  b, hk, g, length, d = qh.shape
   f = 2 ** level          # tokens per coarse key
   w = block * f           # queries per level block
   n = -(-length // w)     # level blocks
   before, after = 1, (0 if causal else 1)
   width = (before + 1 + after) * block
-  pooled = _pooling.pool_groups(k, v, group_size=f, num_groups=n * block,
+  pooled = _pooling.pool_groups(kh, vh, group_size=f, num_groups=n * block,
                                 length=length, segment_ids=segment_ids)
-  qb = _core.pad_axis(qg, 1, n * w).reshape(b, n, w, hk, g, d)
-  to_window = lambda x: _core.neighbor_blocks(
-      x.reshape((b, n, block) + x.shape[2:]), before=before, after=after)
-  kw, vw = to_window(pooled.k), to_window(pooled.v)
+  qb = jnp.swapaxes(_core.pad_axis(qh, 3, n * w).reshape(b, hk, g, n, w, d), 2, 3)
+  to_window = lambda x, axis: _core.neighbor_blocks(
+      x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1:]), before=before,
+      after=after, axis=axis)
+  kw, vw = to_window(pooled.k, 2), to_window(pooled.v, 2)  # [b, hk, n, width, d]
 
   # Static geometry of a tile: query r of level block N is at N*w + r; coarse
   # key t of its window is c = (N - before)*block + t, i.e. tc = t - before*block
@@ -70,30 +71,29 @@ def _coarse_level(qg, k, v, *, level, block, causal, segment_ids, bias_fn):
   if causal:
     mask &= tc * f + f - 1 <= r
   c = (np.arange(n)[:, None] - before) * block + np.arange(width)[None, :]
-  mask = mask[None] & ((c >= 0) & (c < n * block))[:, None, :]
-  mask = jnp.asarray(mask)[None] & to_window(pooled.pure)[:, :, None, :]
+  mask = mask[None] & ((c >= 0) & (c < n * block))[:, None, :]  # [n, w, width]
+  mask = jnp.asarray(mask)[None] & to_window(pooled.pure, 1)[:, :, None, :]  # [b, n, w, width]
   if segment_ids is not None:
     seg_q = _core.pad_axis(segment_ids, 1, n * w).reshape(b, n, w)
-    mask = mask & (seg_q[:, :, :, None] == to_window(pooled.segment)[:, :, None, :])
+    mask = mask & (seg_q[:, :, :, None] == to_window(pooled.segment, 1)[:, :, None, :])
   bias = None
   if bias_fn is not None:
     rel = r - tc * f - f // 2  # query_pos - middle of the coarse group
-    bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, hk), (0, 1), (2, 3))
-  log_count = jnp.log(jnp.maximum(to_window(pooled.count), 1.0))
-  part = _core.attend_blocks(qb, kw, vw, mask=mask[:, :, None, None], bias=bias,
-                             log_weight=log_count)
+    bias = _core.bias_tile(bias_fn, rel, hk)[None, :, None]
+  log_count = jnp.log(jnp.maximum(to_window(pooled.count, 1), 1.0))  # [b, n, width]
+  part = _core.attend_blocks(qb, kw, vw, mask=mask[:, None, :, None], bias=bias,
+                             log_weight=log_count[:, None, :, None, None, :])
   return _core.slice_part(part, length)
 
 
-def _boundary_level(qg, k, v, *, level, block, causal, segment_ids, bias_fn):
+def _boundary_level(qh, kh, vh, *, level, block, causal, segment_ids, bias_fn):
   """The part of level `level` over each query's segment-boundary groups."""
-  length = qg.shape[1]
-  hk = k.shape[2]
+  hk, length = kh.shape[1], kh.shape[2]
   f = 2 ** level
   w = block * f
-  edge = _pooling.boundary_keys(k, v, group_size=f, segment_ids=segment_ids)
+  edge = _pooling.boundary_keys(kh, vh, group_size=f, segment_ids=segment_ids)
   i = jnp.arange(length)[None, :, None]
-  c = edge.group
+  c = edge.group  # [b, l, 2]
   level_block = i // w
   lo = (level_block - 1) * block
   hi = (level_block + (1 if causal else 2)) * block
@@ -103,10 +103,11 @@ def _boundary_level(qg, k, v, *, level, block, causal, segment_ids, bias_fn):
   if causal:
     mask &= c * f + f - 1 <= i
   bias = None
-  if bias_fn is not None:
-    bias = _core.bias_heads(bias_fn, i - c * f - f // 2, hk)
-  return _core.attend_per_query(qg, edge.k, edge.v, mask=mask, bias=bias,
-                                log_weight=jnp.log(jnp.maximum(edge.count, 1.0)))
+  if bias_fn is not None:  # [b, l, 2, hk, g] -> [b, hk, g, l, 2]
+    bias = jnp.moveaxis(_core.bias_heads(bias_fn, i - c * f - f // 2, hk), (3, 4), (1, 2))
+  log_count = jnp.log(jnp.maximum(edge.count, 1.0))[:, None, None]
+  return _core.attend_per_query(qh, edge.k, edge.v, mask=mask[:, None, None], bias=bias,
+                                log_weight=log_count)
 
 
 def hierarchical(q, k, v, *, block_size: int, causal: bool = False, segment_ids=None,
@@ -129,16 +130,16 @@ def hierarchical(q, k, v, *, block_size: int, causal: bool = False, segment_ids=
   if block_size % 2:
     raise ValueError(f'{name}: block_size must be even (levels halve it); got {block_size}.')
   segment_ids = _core.check_segment_ids(segment_ids, batch, length, name)
-  scale = _core.default_scale(dim, scale)
-  qg = _core.group_queries(q * jnp.asarray(scale, q.dtype), kv_heads)
+  qh = _core.scaled_queries(q, kv_heads, dim, scale)
+  kh, vh = _core.heads_major(k), _core.heads_major(v)
 
-  parts = [window_part(qg, k, v, block=block_size, before=1, after=0 if causal else 1,
+  parts = [window_part(qh, kh, vh, block=block_size, before=1, after=0 if causal else 1,
                        radius=None, causal=causal, segment_ids=segment_ids,
                        bias_fn=bias_fn)]
   for level in range(1, num_levels(length, block_size) + 1):
     kwargs = dict(level=level, block=block_size, causal=causal,
                   segment_ids=segment_ids, bias_fn=bias_fn)
-    parts.append(_coarse_level(qg, k, v, **kwargs))
+    parts.append(_coarse_level(qh, kh, vh, **kwargs))
     if segment_ids is not None:
-      parts.append(_boundary_level(qg, k, v, **kwargs))
+      parts.append(_boundary_level(qh, kh, vh, **kwargs))
   return _core.merge(parts, q.dtype)

@@ -37,7 +37,7 @@ def window_part(q, k, v, *, block: int, before: int, after: int,
   """Attention of each block of queries to its neighbouring key blocks.
 
   Args:
-    q: [b, l, kv_heads, group, d], already scaled; k, v: [b, l, kv_heads, d].
+    q: [b, kv_heads, group, l, d], scaled; k, v: [b, kv_heads, l, d] (heads-major).
     block: tile length; before/after: how many neighbouring key blocks each
       query block sees on each side (1/1 sliding window, 1/0 causal window,
       0/0 independent chunks).
@@ -52,17 +52,19 @@ def window_part(q, k, v, *, block: int, before: int, after: int,
   Returns:
     A Part over the first l queries.
   """
-  b, length, kv_heads, group, d = q.shape
+  b, kv_heads, group, length, d = q.shape
   n = -(-length // block)
   padded = n * block
   before, after = min(before, n - 1), min(after, n - 1)
   width = (before + 1 + after) * block
 
-  qb = _core.pad_axis(q, 1, padded).reshape(b, n, block, kv_heads, group, d)
-  to_window = lambda x: _core.neighbor_blocks(
-      _core.pad_axis(x, 1, padded).reshape((b, n, block) + x.shape[2:]),
-      before=before, after=after)
-  kw, vw = to_window(k), to_window(v)
+  qb = _core.pad_axis(q, 3, padded).reshape(b, kv_heads, group, n, block, d)
+  qb = jnp.swapaxes(qb, 2, 3)  # [b, hk, n, g, block, d]
+  blocks = lambda x, axis: _core.pad_axis(x, axis, padded).reshape(
+      x.shape[:axis] + (n, block) + x.shape[axis + 1:])
+  window = lambda x, axis: _core.neighbor_blocks(blocks(x, axis), before=before, after=after,
+                                                 axis=axis)
+  kw, vw = window(k, 2), window(v, 2)  # [b, hk, n, width, d]
 
   # Offsets inside a tile: query r of block m is at m * block + r, key t of its
   # window at (m - before) * block + t.
@@ -76,21 +78,20 @@ def window_part(q, k, v, *, block: int, before: int, after: int,
     mask &= rel >= 0
   key_pos = (np.arange(n)[:, None] - before) * block + np.arange(width)[None, :]
   mask = mask[None] & ((key_pos >= 0) & (key_pos < length))[:, None, :]
-  mask = jnp.asarray(mask)[None, :, None, None]  # [1, n, 1, 1, block, width]
+  mask = jnp.asarray(mask)[None, None, :, None]  # [1, 1, n, 1, block, width]
 
   if segment_ids is not None:
-    seg_q = _core.pad_axis(segment_ids, 1, padded).reshape(b, n, block)
-    seg_k = to_window(segment_ids)
-    mask = mask & (seg_q[:, :, :, None] == seg_k[:, :, None, :])[:, :, None, None]
+    same = blocks(segment_ids, 1)[:, :, :, None] == window(segment_ids, 1)[:, :, None, :]
+    mask = mask & same[:, None, :, None]
   if key_exclude is not None:
-    mask = mask & ~to_window(key_exclude)[:, :, None, None, None, :]
+    mask = mask & ~window(key_exclude, 1)[:, None, :, None, None, :]
 
   bias = None
   if bias_fn is not None:
-    bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (0, 1), (2, 3))
+    bias = _core.bias_tile(bias_fn, rel, kv_heads)[None, :, None]
   weight = None
   if weight_fn is not None:
-    weight = weight_fn(rel)  # [kv_heads, group, block, width]
+    weight = weight_fn(rel)[None, :, None]  # [1, hk, 1, g, block, width]
     mask = mask & (weight > 0)
   part = _core.attend_blocks(qb, kw, vw, mask=mask, bias=bias, weight=weight)
   return _core.slice_part(part, length)
@@ -129,9 +130,8 @@ def local(q, k, v, *, radius: int, causal: bool = False, segment_ids=None,
   block = block_size or default_block(radius)
   if block < radius:
     raise ValueError(f'{name}: block_size ({block}) must be >= radius ({radius}).')
-  scale = _core.default_scale(dim, scale)
-  qg = _core.group_queries(q * jnp.asarray(scale, q.dtype), kv_heads)
-  part = window_part(qg, k, v, block=block, before=1, after=0 if causal else 1,
+  part = window_part(_core.scaled_queries(q, kv_heads, dim, scale), _core.heads_major(k),
+                     _core.heads_major(v), block=block, before=1, after=0 if causal else 1,
                      radius=radius, causal=causal, segment_ids=segment_ids,
                      bias_fn=bias_fn)
   return _core.merge([part], q.dtype)

@@ -55,15 +55,15 @@ def transient_global(q, k, v, *, radius: int, block_size: int, causal: bool = Fa
   radius = _core.check_positive_int(radius, name, 'radius')
   block_size = _core.check_positive_int(block_size, name, 'block_size')
   segment_ids = _core.check_segment_ids(segment_ids, batch, length, name)
-  scale = _core.default_scale(dim, scale)
-  qg = _core.group_queries(q * jnp.asarray(scale, q.dtype), kv_heads)
+  qh = _core.scaled_queries(q, kv_heads, dim, scale)  # [b, hk, g, l, d]
+  kh, vh = _core.heads_major(k), _core.heads_major(v)  # [b, hk, l, d]
 
-  window = window_part(qg, k, v, block=default_block(radius), before=1,
+  window = window_part(qh, kh, vh, block=default_block(radius), before=1,
                        after=0 if causal else 1, radius=radius, causal=causal,
                        segment_ids=segment_ids, bias_fn=bias_fn)
 
   num_blocks = -(-length // block_size)
-  pooled = _pooling.pool_groups(k, v, group_size=block_size, num_groups=num_blocks,
+  pooled = _pooling.pool_groups(kh, vh, group_size=block_size, num_groups=num_blocks,
                                 length=length, segment_ids=segment_ids)
   positions = jnp.arange(length)
   blocks = jnp.arange(num_blocks)
@@ -72,22 +72,23 @@ def transient_global(q, k, v, *, radius: int, block_size: int, causal: bool = Fa
     mask = mask & (segment_ids[:, :, None] == pooled.segment[:, None, :])
   if causal:
     mask = mask & ((blocks[None, :] + 1) * block_size <= positions[:, None])[None]
-  rel = positions[:, None] - summary_position(blocks[None, :], block_size)
   bias = None
   if bias_fn is not None:
-    bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (0, 1), (2, 3))[None, None]
-  summaries = _core.attend_blocks(qg[:, None], pooled.k[:, None], pooled.v[:, None],
+    rel = positions[:, None] - summary_position(blocks[None, :], block_size)
+    bias = _core.bias_tile(bias_fn, rel, kv_heads)[None, :, None]
+  summaries = _core.attend_blocks(qh[:, :, None], pooled.k[:, :, None], pooled.v[:, :, None],
                                   mask=mask[:, None, None, None], bias=bias)
   parts = [window, summaries]
 
   if segment_ids is not None:
-    edge = _pooling.boundary_keys(k, v, group_size=block_size, segment_ids=segment_ids)
+    edge = _pooling.boundary_keys(kh, vh, group_size=block_size, segment_ids=segment_ids)
     mask = edge.exists
     if causal:
       mask = mask & ((edge.group + 1) * block_size <= positions[None, :, None])
     bias = None
-    if bias_fn is not None:
+    if bias_fn is not None:  # [b, l, 2, hk, g] -> [b, hk, g, l, 2]
       rel = positions[None, :, None] - summary_position(edge.group, block_size)
-      bias = _core.bias_heads(bias_fn, rel, kv_heads)
-    parts.append(_core.attend_per_query(qg, edge.k, edge.v, mask=mask, bias=bias))
+      bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (3, 4), (1, 2))
+    parts.append(_core.attend_per_query(qh, edge.k, edge.v, mask=mask[:, None, None],
+                                        bias=bias))
   return _core.merge(parts, q.dtype)
