@@ -40,7 +40,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   attention.num_global = 16  # global_local: positions 0..num_global-1 are global.
   attention.block_size = 64  # transient_global summary blocks / hierarchical / chunked blocks.
   attention.max_span = 256  # adaptive_span: longest span a head may learn.
-  attention.span_ramp = 32  # adaptive_span: width R of the soft mask ramp.
+  attention.span_ramp = 32.0  # adaptive_span: width R of the soft mask ramp.
   attention.span_init = 0.5  # adaptive_span: initial span as a fraction of max_span.
   attention.span_loss_coef = 2e-6  # adaptive_span: weight of the mean-span penalty in the loss.
   attention.implementation = 'auto'  # 'auto', 'xla' or 'cudnn' (GPU only).
@@ -140,3 +140,49 @@ def get_config() -> ml_collections.ConfigDict:
   # (('mlp', 'tensor'),). See longjax/train/sharding.py for the default table.
   config.axis_rules = ()
   return config
+
+
+# Config arguments ----------------------------------------------------------
+# Task configs take `--config=configs/<task>.py:<arg>` where <arg> is a comma
+# list of an attention kind and/or a size, e.g. `local`, `tiny`,
+# `transient_global,arxiv`.
+
+
+def parse_arg(arg: str, sizes: tuple[str, ...]) -> tuple[str, str]:
+  """Splits a config argument into (attention kind or '', size).
+
+  sizes[0] is the default size. Unknown words raise, listing what is valid.
+  """
+  from longjax import attention  # pylint: disable=g-import-not-at-top
+  kind, size = '', sizes[0]
+  for word in filter(None, (w.strip() for w in (arg or '').split(','))):
+    if word in attention.KINDS:
+      kind = word
+    elif word in sizes:
+      size = word
+    else:
+      raise ValueError(f'Unknown config argument {word!r}: use an attention kind '
+                       f'({", ".join(attention.KINDS)}) and/or a size ({", ".join(sizes)}).')
+  return kind, size
+
+
+def set_size(config, size: str, sizes: dict) -> None:
+  """Applies the field overrides of `size` (dotted names) to config."""
+  for dotted, value in sizes[size].items():
+    *parents, leaf = dotted.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+
+
+# A model and loop small enough to train for a few steps in a test.
+TINY = {
+    'model.num_layers': 2, 'model.emb_dim': 32, 'model.num_heads': 2, 'model.mlp_dim': 64,
+    'model.dtype': 'float32', 'model.attention.radius': 8, 'model.attention.num_global': 2,
+    'model.attention.block_size': 8, 'model.attention.max_span': 16,
+    'model.attention.span_ramp': 4.0,
+    'batch_size': 2, 'num_train_steps': 2, 'warmup_steps': 1, 'log_every_steps': 1,
+    'eval_every_steps': 2, 'num_eval_steps': 1, 'checkpoint_every_steps': 2,
+    'decode.num_examples': 1, 'decode.max_decode_len': 8,
+}
