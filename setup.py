@@ -13,6 +13,8 @@ INSTALL_REQUIRES = [
     "chex==0.1.92",
     "ml-collections==1.1.0",
     "clu==0.0.12",
+    # TensorBoard event files without TensorFlow (clu's own writer needs TF).
+    "tensorboardX==2.6.5",
     "absl-py==2.5.1",
     "numpy==2.4.6",
     # Data: tfds without TensorFlow reads array_record through grain.

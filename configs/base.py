@@ -32,7 +32,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   model.t5_max_distance = 128  # Distances beyond this share the last bucket.
   model.dtype = 'bfloat16'  # Compute dtype of matmuls (softmax, norms, logits stay fp32).
   model.param_dtype = 'float32'  # Master weights.
-  model.remat = 'none'  # 'none', 'full', or a named policy ('save_dots', 'save_attention_out').
+  model.remat = 'none'  # 'none', 'full', or a named policy ('dots', 'attention_out').
 
   attention = ml_collections.ConfigDict()
   attention.kind = 'full'  # One of longjax.attention.KINDS.
@@ -137,7 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.sequence = 1  # Sequence (context) parallel over length.
   config.mesh = mesh
   # Extra (logical name, mesh axes) rules placed before the defaults, e.g.
-  # (('mlp', 'tensor'),). See longjax/train/sharding.py for the default table.
+  # (('mlp', 'tensor'),). See longjax/sharding.py for the default table.
   config.axis_rules = ()
   return config
 

@@ -1,0 +1,265 @@
+"""Metric writers, metric summaries and the progress line.
+
+Every train and eval summary goes to (process 0 only):
+  - `<workdir>/metrics.jsonl`: one JSON object a line, the file experiments read:
+      {"step": 200, "split": "train", "loss": 1.93, "accuracy": 0.51,
+       "perplexity": 6.9, "learning_rate": 0.0028, "tokens_per_sec": 51234.0, ...}
+    `loss` is the mean cross-entropy in nats per target token (without label
+    smoothing, z-loss or the span penalty), `bits_per_byte` is there for text
+    data, `mean_span` for adaptive-span models, `exact_match` (every answer
+    token right) for the synthetic tasks' eval.
+  - TensorBoard event files in `<workdir>` (tags `train/loss`, `eval/loss`, ...).
+
+Both are clu `MetricWriter`s behind one `MultiWriter`. clu 0.0.12 imports its
+TensorFlow summary writer when `clu.metric_writers` is imported, and longjax
+has no TensorFlow (tfds reads array_record through grain), so
+`_clu_metric_writers()` stands in a module that raises only when that writer
+is constructed; the event files are written with tensorboardX instead.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+import types
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+
+def _clu_metric_writers():
+  name = 'clu.metric_writers.summary_writer'
+  if importlib.util.find_spec('tensorflow') is None and name not in sys.modules:
+    stub = types.ModuleType(name)
+
+    class SummaryWriter:  # pylint: disable=too-few-public-methods
+
+      def __init__(self, *args, **kwargs):
+        del args, kwargs
+        raise ImportError('clu.metric_writers.SummaryWriter needs TensorFlow; longjax writes '
+                          'TensorBoard files with longjax.train.metrics.TensorBoardWriter.')
+
+    stub.SummaryWriter = SummaryWriter
+    sys.modules[name] = stub
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  return metric_writers
+
+
+metric_writers = _clu_metric_writers()
+interface = metric_writers.interface
+
+
+class TensorBoardWriter(interface.MetricWriter):
+  """Scalars, texts and hyper-parameters as TensorBoard event files (tensorboardX)."""
+
+  def __init__(self, logdir: str):
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    self._writer = tensorboardX.SummaryWriter(logdir=logdir, flush_secs=30)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    for key, value in scalars.items():
+      self._writer.add_scalar(key, float(value), global_step=step)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    for key, value in texts.items():
+      self._writer.add_text(key, value, global_step=step)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    self._writer.add_text('hparams', json.dumps(dict(hparams), indent=2, default=str), 0)
+
+  # Images, audio, histograms and raw summaries: longjax logs none of them.
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+class JsonlWriter(interface.MetricWriter):
+  """Scalars named '<split>/<metric>' as one JSON object per (step, split) and line."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    records: dict[str, dict[str, Any]] = {}
+    for key, value in scalars.items():
+      split, _, metric = key.rpartition('/')
+      records.setdefault(split or 'train', {})[metric] = _json_number(value)
+    for split, values in records.items():
+      self._file.write(json.dumps({'step': int(step), 'split': split, **values}) + '\n')
+    self._file.flush()
+
+  def truncate_after(self, step: int):
+    """Drops records of steps after `step`: a resumed run writes them again."""
+    self._file.close()
+    with open(self.path, encoding='utf-8') as f:
+      kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    with open(self.path, 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    self._file = open(self.path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def _json_number(value) -> Any:
+  value = np.asarray(value).item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # 'nan' / 'inf': JSON has no such numbers.
+  return value
+
+
+class MetricsWriter:
+  """metrics.jsonl and TensorBoard on process 0; nothing on the other processes."""
+
+  def __init__(self, workdir: str, *, enabled: bool):
+    self.enabled = enabled
+    self._jsonl = None
+    writers = []
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))
+      writers = [self._jsonl, TensorBoardWriter(workdir)]
+    self._writer = metric_writers.MultiWriter(writers)
+
+  def write(self, step: int, split: str, values: Mapping[str, Any]):
+    self._writer.write_scalars(step, {f'{split}/{key}': value for key, value in values.items()})
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    """The config, as text in TensorBoard (metrics.jsonl keeps metrics only)."""
+    self._writer.write_hparams(hparams)
+
+  def truncate_after(self, step: int):
+    if self._jsonl is not None:
+      self._jsonl.truncate_after(step)
+
+  def close(self):
+    self._writer.flush()
+    self._writer.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
+
+# Summaries (host side: numpy on metrics already fetched from the devices) ---
+
+SUMMED_TRAIN_METRICS = ('nll_sum', 'weight_sum', 'correct_sum', 'byte_sum')
+OPTIONAL_METRICS = ('mean_span',)
+
+
+def summarize(sums: Mapping[str, Any], *, with_bits_per_byte: bool) -> dict[str, float]:
+  """loss, perplexity, accuracy (and bits_per_byte, exact_match, mean_span) from sums.
+
+  `sums` holds what the train and eval steps return: `nll_sum` (nats),
+  `weight_sum` (target tokens), `correct_sum`, `byte_sum`, and optionally
+  `exact_sum` / `row_sum` and `mean_span`.
+  """
+  weight = max(float(sums['weight_sum']), 1e-9)
+  loss = float(sums['nll_sum']) / weight
+  out = {
+      'loss': loss,
+      'perplexity': math.exp(loss) if loss < 700 else float('inf'),  # exp overflows past 709.
+      'accuracy': float(sums['correct_sum']) / weight,
+  }
+  if with_bits_per_byte and float(sums['byte_sum']) > 0:
+    # Bits per byte = total nats / (ln 2 * UTF-8 bytes of the targets).
+    out['bits_per_byte'] = float(sums['nll_sum']) / (math.log(2) * float(sums['byte_sum']))
+  if 'row_sum' in sums:
+    out['exact_match'] = float(sums['exact_sum']) / max(float(sums['row_sum']), 1e-9)
+  if 'mean_span' in sums:
+    out['mean_span'] = float(sums['mean_span'])
+  return out
+
+
+def add_sums(total: Optional[dict], sums: Mapping[str, Any]) -> dict:
+  """Accumulates summed metrics; `mean_span` (a property of the weights) is kept, not summed."""
+  sums = {key: np.asarray(value, np.float64) for key, value in sums.items()}
+  if total is None:
+    return sums
+  return {key: value if key == 'mean_span' else total[key] + value for key, value in sums.items()}
+
+
+def train_summary(step_metrics: Sequence[Mapping[str, Any]], *,
+                  with_bits_per_byte: bool) -> dict[str, float]:
+  """Summary of the train steps since the last log: summed over steps, rates averaged."""
+  total = None
+  for metrics in step_metrics:
+    total = add_sums(total, {key: metrics[key] for key in SUMMED_TRAIN_METRICS + OPTIONAL_METRICS
+                             if key in metrics})
+  out = summarize(total, with_bits_per_byte=with_bits_per_byte)
+  out['learning_rate'] = float(step_metrics[-1]['learning_rate'])
+  out['grad_norm'] = float(np.mean([float(m['grad_norm']) for m in step_metrics]))
+  return out
+
+
+class Progress:
+  """Steps/s, tokens/s and ETA between two log points, and the progress line."""
+
+  def __init__(self, *, total_steps: int, tokens_per_step: int, start_step: int):
+    self.total_steps = total_steps
+    self.tokens_per_step = tokens_per_step
+    self._step = start_step
+    self._time = time.perf_counter()
+
+  def rates(self, step: int) -> dict[str, float]:
+    """Rates since the previous call; call after the step's results were fetched."""
+    now = time.perf_counter()
+    steps_per_sec = (step - self._step) / max(now - self._time, 1e-9)
+    self._step, self._time = step, now
+    return {'steps_per_sec': steps_per_sec,
+            'tokens_per_sec': steps_per_sec * self.tokens_per_step}
+
+  def line(self, step: int, loss: float, rates: Mapping[str, float]) -> str:
+    remaining = (self.total_steps - step) / max(rates['steps_per_sec'], 1e-9)
+    eta = datetime.timedelta(seconds=round(remaining))
+    return (f'step {step}/{self.total_steps} | loss {loss:.4f} | '
+            f'{rates["steps_per_sec"]:.2f} steps/s | {rates["tokens_per_sec"]:,.0f} tokens/s | '
+            f'ETA {eta}')

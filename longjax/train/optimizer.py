@@ -1,0 +1,73 @@
+"""AdamW with warm-up then cosine, rsqrt or constant learning rate, and clipping.
+
+    schedule = learning_rate_schedule(config)
+    tx = make_optimizer(config, schedule, weight_decay_mask(abstract_params))
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+SCHEDULES = ('cosine', 'rsqrt', 'constant')
+
+# Logical axis names of weights that are not decayed besides vectors (norm
+# scales, spans): the T5 relative position bias is a bias table.
+NO_DECAY_AXES = ('norm', 'relpos_buckets')
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Peak `config.learning_rate` after a linear warm-up, then `config.lr_schedule`.
+
+  optax calls a schedule with the number of updates already applied, so the
+  n-th update (n = count + 1) uses lr(n): the first update is not wasted at
+  lr 0, and warm-up ends exactly at update `warmup_steps`.
+    cosine:   peak * (r + (1 - r) (1 + cos(pi t)) / 2), t from 0 at the end of
+              warm-up to 1 at `num_train_steps`, r = `min_lr_ratio`;
+    rsqrt:    peak * sqrt(warmup / n) after warm-up (the T5 / "Attention is all
+              you need" inverse square root);
+    constant: peak.
+  """
+  peak = float(config.learning_rate)
+  warmup = int(config.warmup_steps)
+  total = int(config.num_train_steps)
+  kind = config.lr_schedule
+  min_ratio = float(config.min_lr_ratio)
+
+  def schedule(count):
+    n = jnp.asarray(count, jnp.float32) + 1.0
+    warm = jnp.minimum(1.0, n / max(warmup, 1))
+    if kind == 'cosine':
+      progress = jnp.clip((n - warmup) / max(total - warmup, 1), 0.0, 1.0)
+      decay = min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    elif kind == 'rsqrt':
+      decay = jnp.sqrt(max(warmup, 1) / jnp.maximum(n, max(warmup, 1)))
+    else:
+      decay = jnp.ones_like(n)
+    return peak * warm * decay
+
+  return schedule
+
+
+def weight_decay_mask(abstract_params: nnx.State) -> dict:
+  """True for the weights AdamW decays: matrices, not norms, biases or spans.
+
+  Decided from each Param's shape and logical axis names, so a new layer gets
+  the right treatment without being listed here.
+  """
+  def decayed(variable):
+    names = tuple(variable.get_metadata().get('logical_axes', ()))
+    return variable.ndim >= 2 and not set(names) & set(NO_DECAY_AXES)
+
+  mask = jax.tree.map(decayed, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(mask)
+
+
+def make_optimizer(config, schedule: optax.Schedule, decay_mask) -> optax.GradientTransformation:
+  """Global-norm clipping (`config.grad_clip`, 0 = off), then AdamW."""
+  adamw = optax.adamw(schedule, b1=float(config.adam_b1), b2=float(config.adam_b2), eps=1e-8,
+                      weight_decay=float(config.weight_decay), mask=decay_mask)
+  if config.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(float(config.grad_clip)), adamw)
+  return adamw

@@ -1,0 +1,104 @@
+"""In-process training runs on one CPU device with configs/tiny.py."""
+import glob
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import train_testing
+from longjax.train import trainer
+
+TRAIN_KEYS = {'step', 'split', 'loss', 'accuracy', 'perplexity', 'learning_rate',
+              'tokens_per_sec', 'steps_per_sec', 'grad_norm'}
+
+
+def test_one_step_writes_metrics_config_events_and_a_checkpoint(tmp_path):
+  config = train_testing.tiny_config(num_train_steps=1)
+  state = trainer.train_and_evaluate(config, tmp_path)
+
+  assert int(state.step) == 1
+  train, = train_testing.read_metrics(tmp_path, 'train')
+  assert TRAIN_KEYS <= set(train) and train['step'] == 1
+  assert math.isclose(train['perplexity'], math.exp(train['loss']), rel_tol=1e-6)
+  assert 0 < train['learning_rate'] <= config.learning_rate
+  eval_record, = train_testing.read_metrics(tmp_path, 'eval')
+  assert eval_record['step'] == 1 and 'exact_match' in eval_record  # Synthetic task.
+  assert json.loads((tmp_path / 'config.json').read_text())['model']['vocab_size'] == 259
+  assert glob.glob(str(tmp_path / 'events.out.tfevents.*'))
+  assert os.listdir(tmp_path / 'checkpoints') == ['1']
+  # Parameters are fp32 master weights whatever the compute dtype.
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {np.dtype('float32')}
+
+
+def test_loss_decreases_on_passkey(tmp_path):
+  config = train_testing.tiny_config(num_train_steps=40, log_every_steps=10, eval_every_steps=10,
+                                     checkpoint_every_steps=0, learning_rate=1e-2,
+                                     profile_steps=2)
+  trainer.train_and_evaluate(config, tmp_path)
+  assert glob.glob(str(tmp_path / 'profile' / '**' / '*.xplane.pb'), recursive=True)
+  train = train_testing.read_metrics(tmp_path, 'train')
+  assert [r['step'] for r in train] == [10, 20, 30, 40]
+  # Chance is ln(259) = 5.6 nats; answering with any digit gets ln(10) = 2.3.
+  assert train[-1]['loss'] < train[0]['loss'] - 1.0, train
+  evals = [r['loss'] for r in train_testing.read_metrics(tmp_path, 'eval')]
+  assert evals[-1] < evals[0] - 0.5, evals
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+  # Updates of ~1e30 leave finite but huge weights after step 1; step 2's
+  # forward pass overflows to NaN.
+  config = train_testing.tiny_config(learning_rate=1e30, lr_schedule='constant', warmup_steps=0,
+                                     checkpoint_every_steps=1, log_every_steps=5)
+  with pytest.raises(FloatingPointError, match='step 2') as error:
+    trainer.train_and_evaluate(config, tmp_path)
+  assert 'last good checkpoint is step 1' in str(error.value)
+  assert os.listdir(tmp_path / 'checkpoints') == ['1']
+  step, state = train_testing.restore_state(config, tmp_path)
+  assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_eval_mode_at_a_longer_length_with_adaptive_span(tmp_path):
+  config = train_testing.tiny_config(num_train_steps=2, eval_every_steps=0,
+                                     model__attention__kind='adaptive_span',
+                                     model__attention__max_span=16)
+  trainer.train_and_evaluate(config, tmp_path)
+  assert 'mean_span' in train_testing.read_metrics(tmp_path, 'train')[-1]
+
+  config.eval_seq_len = 96  # Three times the training length.
+  summary = trainer.evaluate(config, tmp_path)
+  record, = train_testing.read_metrics(tmp_path, 'eval')
+  assert record['step'] == 2 and record['seq_len'] == 96
+  assert record['loss'] == pytest.approx(summary['loss']) and math.isfinite(record['loss'])
+  # The initial span is span_init * max_span; two small steps barely move it.
+  assert record['mean_span'] == pytest.approx(8.0, abs=0.5)
+
+
+def test_eval_mode_without_a_checkpoint_says_so(tmp_path):
+  with pytest.raises(FileNotFoundError, match='No checkpoint to evaluate'):
+    trainer.evaluate(train_testing.tiny_config(), tmp_path)
+
+
+def test_text_data_logs_bits_per_byte(tmp_path, data_dir):
+  config = train_testing.tiny_config(
+      num_train_steps=2, log_every_steps=1, eval_every_steps=2, num_eval_steps=1,
+      dataset__data_dir=data_dir, dataset__name='longjax_pystdlib', seq_len=64)
+  trainer.train_and_evaluate(config, tmp_path)
+  for record in train_testing.read_metrics(tmp_path):
+    assert 0 < record['bits_per_byte'] < 20 and 'exact_match' not in record
+
+
+def test_encoder_decoder_on_translation(tmp_path):
+  config = train_testing.tiny_config(
+      num_train_steps=2, log_every_steps=1, eval_every_steps=2, num_eval_steps=1,
+      dataset__name='wmt14_translate/de-en', dataset__input_key='de', dataset__target_key='en',
+      model__kind='encoder_decoder', target_len=16)
+  # tfds' mock data: random text in the dataset's real feature spec, nothing downloaded.
+  with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+    trainer.train_and_evaluate(config, tmp_path)
+  records = train_testing.read_metrics(tmp_path)
+  assert [(r['step'], r['split']) for r in records] == [(1, 'train'), (2, 'train'), (2, 'eval')]
+  assert all(math.isfinite(r['loss']) and r['bits_per_byte'] > 0 for r in records)

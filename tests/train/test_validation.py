@@ -1,0 +1,78 @@
+"""Bad input fails before anything compiles, with the config field named."""
+import pytest
+
+import train_testing
+from longjax.train import trainer
+from longjax.train import validation
+
+MESH_1 = {'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 1}
+
+
+def test_unknown_config_field_on_the_command_line(tmp_path):
+  result = train_testing.run_python(
+      ['-m', 'longjax.main', '--config=configs/tiny.py', f'--workdir={tmp_path}',
+       '--config.seq_lenn=64'], env=train_testing.subprocess_env(), check=False)
+  assert result.returncode != 0
+  assert '--config.seq_lenn' in result.stderr and 'Did you mean "seq_len"' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('overrides, fields', [
+    (dict(mesh__data=2), ['config.mesh', '2 devices but there are 1']),
+    (dict(seq_len=256), ['config.seq_len = 256', 'config.model.max_len = 128']),
+    (dict(eval_seq_len=512), ['config.eval_seq_len = 512', 'model.max_len']),
+    (dict(model__attention__kind='sparse'), ['config.model.attention.kind', "'sparse'"]),
+    (dict(model__attention__layer_pattern=('local', 'nope')),
+     ['config.model.attention.layer_pattern', "'nope'"]),
+    (dict(grad_accum_steps=3), ['config.batch_size = 8', 'config.grad_accum_steps = 3']),
+    (dict(model__kind='encoder_decoder'), ['config.model.kind', 'config.dataset.target_key']),
+    (dict(lr_schedule='linear'), ['config.lr_schedule', 'cosine']),
+    (dict(learning_rate=float('nan')), ['config.learning_rate']),
+    (dict(log_every_steps=0), ['config.log_every_steps']),
+])
+def test_bad_config_fails_fast_naming_the_field(overrides, fields, tmp_path):
+  with pytest.raises(ValueError) as error:
+    trainer.train_and_evaluate(train_testing.tiny_config(**overrides), tmp_path)
+  for field in fields:
+    assert field in str(error.value)
+  assert not (tmp_path / 'checkpoints').exists()  # Failed before anything was set up.
+
+
+def test_all_problems_are_reported_at_once():
+  config = train_testing.tiny_config(seq_len=256, weight_decay=-1.0)
+  with pytest.raises(ValueError) as error:
+    validation.validate_config(config, mesh_shape=MESH_1)
+  assert 'config.seq_len' in str(error.value) and 'config.weight_decay' in str(error.value)
+
+
+@pytest.mark.parametrize('mesh, batch_size, accum, fields', [
+    (dict(MESH_1, data=4), 6, 1, ['config.batch_size = 6', 'data x config.mesh.fsdp = 4']),
+    (dict(MESH_1, data=2, fsdp=2), 8, 4, ['micro-batch 2', 'config.grad_accum_steps = 4']),
+])
+def test_batch_not_divisible_by_the_data_parallel_size(mesh, batch_size, accum, fields):
+  config = train_testing.tiny_config(batch_size=batch_size, grad_accum_steps=accum)
+  with pytest.raises(ValueError) as error:
+    validation.validate_config(config, mesh_shape=mesh)
+  for field in fields:
+    assert field in str(error.value)
+
+
+def test_batch_shards_must_not_span_processes():
+  config = train_testing.tiny_config()
+  with pytest.raises(ValueError, match='config.mesh: data x fsdp = 1 must be a multiple of the 2'):
+    validation.validate_config(config, mesh_shape=dict(MESH_1, tensor=2), process_count=2)
+
+
+def test_unknown_model_field_for_notebook_configs():
+  config = train_testing.tiny_config()
+  with config.unlocked():
+    config.model.emb_size = 64
+  with pytest.raises(ValueError, match='model.emb_size'):
+    validation.validate_config(config, mesh_shape=MESH_1)
+
+
+def test_a_good_config_passes():
+  model_config = validation.validate_config(train_testing.tiny_config(batch_size=16),
+                                            mesh_shape=dict(MESH_1, data=2, fsdp=4))
+  assert model_config.emb_dim == 32
