@@ -26,7 +26,7 @@ from longjax.attention import _core
 class KeyGroup(NamedTuple):
   """Keys one query may attend, with what the kernel adds to their scores.
 
-  k, v: [batch, slots, kv_heads, head_dim].
+  k, v: [batch, kv_heads, slots, head_dim] (heads-major: each head's keys contiguous).
   mask: bool [batch, slots], or [batch, heads, slots] when it differs by head.
   rel: int [batch, slots], query position - key position, for a position
     bias (None: no bias for this group).
@@ -61,7 +61,7 @@ class _Stats(NamedTuple):
 def _group_stats(qg, group: KeyGroup, bias_fn) -> _Stats:
   """Unnormalised softmax statistics of one key group; qg [b, kv_heads, g, d], scaled."""
   kv_heads, size = qg.shape[1], qg.shape[2]
-  scores = jnp.einsum('bhgd,bnhd->bhgn', qg, group.k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum('bhgd,bhnd->bhgn', qg, group.k, preferred_element_type=jnp.float32)
   if bias_fn is not None and group.rel is not None:
     bias = bias_fn(jnp.asarray(group.rel, jnp.int32)).astype(jnp.float32)  # [b, n, heads]
     b, n, _ = bias.shape
@@ -74,7 +74,7 @@ def _group_stats(qg, group: KeyGroup, bias_fn) -> _Stats:
   probs = jnp.where(mask, jnp.exp(scores - row_max[..., None]), 0.0)
   if group.weight is not None:
     probs = probs * _per_head(group.weight, kv_heads).astype(jnp.float32)
-  out = jnp.einsum('bhgn,bnhd->bhgd', probs.astype(group.v.dtype), group.v,
+  out = jnp.einsum('bhgn,bhnd->bhgd', probs.astype(group.v.dtype), group.v,
                    preferred_element_type=jnp.float32)
   return _Stats(row_max, jnp.sum(probs, axis=-1), out)
 
@@ -109,14 +109,14 @@ def attend(q, groups: Sequence[KeyGroup], *, bias_fn: Optional[Callable] = None,
   if not groups:
     raise ValueError('attend: needs at least one key group.')
   batch, heads, dim = q.shape
-  kv_heads = groups[0].k.shape[2]
+  kv_heads = groups[0].k.shape[1]
   for group in groups:
     if group.k.shape != group.v.shape or group.k.shape[0] != batch or group.k.shape[3] != dim:
       raise ValueError(f'attend: keys {group.k.shape} / values {group.v.shape} do not match '
                        f'the query {q.shape}.')
-    if group.k.shape[2] != kv_heads or heads % kv_heads:
+    if group.k.shape[1] != kv_heads or heads % kv_heads:
       raise ValueError(f'attend: query heads ({heads}) must be a multiple of the same '
-                       f'kv_heads in every group; got {group.k.shape[2]}.')
+                       f'kv_heads in every group; got {group.k.shape[1]}.')
   scale = _core.default_scale(dim, scale)
   qg = (q * jnp.asarray(scale, q.dtype)).reshape(batch, kv_heads, heads // kv_heads, dim)
   out = _merge([_group_stats(qg, group, bias_fn) for group in groups])

@@ -8,6 +8,10 @@ kernel computes; adding a kind to the registry makes it available here.
 Adaptive span keeps its learnable span per head here: a fraction in [0, 1]
 of `max_span` per head, reported back (mean span and the span penalty) so the
 trainer can add the penalty to the loss.
+
+Decoding: `prefill` runs the kernel over prompts and returns the layer's
+key/value cache (`longjax.models.cache`); `decode_step` adds one token's key
+and value and attends its cache exactly as the kernel would.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from longjax import attention as kernels
 from longjax import sharding
+from longjax.models import cache as kv_cache
 from longjax.models import layers
 from longjax.models.config import ModelConfig
 
@@ -98,6 +103,43 @@ class SelfAttention(_Projections):
     out = kernels.get(self.kind)(q, k, v, causal=self.causal, segment_ids=segment_ids,
                                  bias_fn=bias_fn, **kwargs)
     return self.output(out), aux
+
+  # Decoding ---------------------------------------------------------------
+  def cache_spec(self, max_length: int) -> kv_cache.LayerSpec:
+    """Layout of this layer's decoding cache for positions 0..max_length-1."""
+    if not self.causal:
+      raise ValueError('Only causal self-attention decodes with a cache.')
+    return kv_cache.layer_spec(self.config, self.kind, max_length)
+
+  def init_cache(self, batch: int, max_length: int) -> kv_cache.LayerCache:
+    """An empty cache for positions 0..max_length-1."""
+    return kv_cache.init(self.cache_spec(max_length), batch, self.config.kv_heads,
+                         self.config.dim_per_head, self.config.compute_dtype)
+
+  def prefill(self, x, *, positions, lengths, max_length: int, bias_fn=None):
+    """The forward over prompts (the blocked kernel, as __call__) and the cache it leaves.
+
+    x [b, l, emb] right-padded prompts at positions [b, l], lengths [b] their
+    real lengths -> ([b, l, emb], LayerCache for positions up to max_length - 1).
+    """
+    q, k, v = self.project(x, positions)
+    kwargs = kernel_kwargs(self.config, self.kind)
+    if self.kind == 'adaptive_span':
+      kwargs['spans'] = self.spans()
+    out = kernels.get(self.kind)(q, k, v, causal=self.causal, bias_fn=bias_fn, **kwargs)
+    cache = kv_cache.from_prompt(self.cache_spec(max_length), k, v, lengths)
+    return self.output(out), cache
+
+  def decode_step(self, x, *, positions, cache: kv_cache.LayerCache, bias_fn=None):
+    """One token per row: x [b, 1, emb] at positions [b] -> ([b, 1, emb], new cache).
+
+    Equals the row of __call__ at that position over the same tokens.
+    """
+    q, k, v = self.project(x, positions[:, None])
+    cache = kv_cache.append(cache, k[:, 0], v[:, 0], positions)
+    spans = self.spans() if self.kind == 'adaptive_span' else None
+    out = kv_cache.attend(cache, q[:, 0], positions, bias_fn=bias_fn, spans=spans)
+    return self.output(out[:, None]), cache
 
 
 class CrossAttention(_Projections):

@@ -8,6 +8,10 @@ memory at long lengths to one layer's worth plus the residual stream.
 Both models return (logits in fp32, aux) where aux holds, for adaptive-span
 layers, `span_penalty` (sum over layers of the mean span in tokens, to be
 weighted by `model.attention.span_loss_coef`) and `mean_span`.
+
+Decoding with key/value caches (`longjax.decode` drives these):
+`TransformerLM.prefill` / `decode_step`, and `EncoderDecoder.init_decoding` /
+`decode_step`; each step's logits equal the teacher-forced forward pass.
 """
 from __future__ import annotations
 
@@ -92,6 +96,32 @@ class Block(nnx.Module):
     x = x + layers.dropout(y, rate, _layer_key(dropout_key, 2))
     return sharding.constrain(x, ('batch', 'length', 'embed')), aux
 
+  # Decoding (no dropout, no remat) ------------------------------------------
+  def prefill(self, x, positions, lengths, max_length: int, *, bias_fn=None):
+    """__call__ over right-padded prompts (no cross-attention) -> (x, LayerCache)."""
+    y, cache = self.attention.prefill(self.attention_norm(x), positions=positions,
+                                      lengths=lengths, max_length=max_length, bias_fn=bias_fn)
+    x = x + y
+    x = x + self.mlp(self.mlp_norm(x))
+    return sharding.constrain(x, ('batch', 'length', 'embed')), cache
+
+  def decode_step(self, x, positions, cache, memory=None, memory_segment_ids=None, *,
+                  bias_fn=None):
+    """One token per row, x [b, 1, emb] at positions [b] -> (x, cache).
+
+    memory: this block's `cross_attention.project_memory(encoded)`, computed
+    once per source; memory_segment_ids [b, source_len] (0 = padding).
+    """
+    y, cache = self.attention.decode_step(self.attention_norm(x), positions=positions,
+                                          cache=cache, bias_fn=bias_fn)
+    x = x + y
+    if memory is not None:
+      query_segments = jnp.ones(x.shape[:2], jnp.int32)
+      x = x + self.cross_attention(self.cross_norm(x), memory, segment_ids=query_segments,
+                                   memory_segment_ids=memory_segment_ids)
+    x = x + self.mlp(self.mlp_norm(x))
+    return sharding.constrain(x, ('batch', 'length', 'embed')), cache
+
 
 class _Stack(nnx.Module):
   """Embedding-free stack of blocks with its position scheme and final norm."""
@@ -118,6 +148,34 @@ class _Stack(nnx.Module):
                            bias_fn=bias_fn)
       auxes.append(aux)
     return self.final_norm(x), auxes
+
+  # Decoding ---------------------------------------------------------------
+  def _bias_fn(self):
+    return self.relative_bias() if self.config.positions == 't5_bias' else None
+
+  def init_caches(self, batch: int, max_length: int) -> list:
+    """Empty caches of every block for positions 0..max_length-1."""
+    return [block.attention.init_cache(batch, max_length) for block in self.blocks]
+
+  def prefill(self, x, positions, lengths, max_length: int):
+    """Like __call__ over right-padded prompts; -> (normed x, caches)."""
+    bias_fn = self._bias_fn()
+    caches = []
+    for block in self.blocks:
+      x, cache = block.prefill(x, positions, lengths, max_length, bias_fn=bias_fn)
+      caches.append(cache)
+    return self.final_norm(x), caches
+
+  def decode_step(self, x, positions, caches, memories=None, memory_segment_ids=None):
+    """One token per row through every block; memories: one per block or None."""
+    bias_fn = self._bias_fn()
+    new_caches = []
+    for i, block in enumerate(self.blocks):
+      memory = None if memories is None else memories[i]
+      x, cache = block.decode_step(x, positions, caches[i], memory, memory_segment_ids,
+                                   bias_fn=bias_fn)
+      new_caches.append(cache)
+    return self.final_norm(x), new_caches
 
 
 class _Embedder(nnx.Module):
@@ -179,6 +237,31 @@ class TransformerLM(nnx.Module):
     x, auxes = self.decoder(x, positions, segment_ids, dropout_key)
     return self.embedder.logits(x), _collect_aux(auxes)
 
+  # Decoding ---------------------------------------------------------------
+  def prefill(self, inputs, lengths, *, max_length: int):
+    """Runs right-padded prompts through the model; fills the caches.
+
+    inputs [b, l] (row r's prompt is inputs[r, :lengths[r]]), lengths [b] >= 1,
+    max_length: the caches hold positions 0..max_length-1.
+    Returns (logits [b, vocab] fp32 of the token after each prompt, caches).
+    """
+    check_length(self.config, max_length, 'decoding')
+    positions = _default_positions(inputs)
+    x = self.embedder.embed(inputs, positions, None)
+    x, caches = self.decoder.prefill(x, positions, lengths, max_length)
+    last = jnp.take_along_axis(x, (jnp.asarray(lengths) - 1)[:, None, None], axis=1)
+    return self.embedder.logits(last)[:, 0], caches
+
+  def init_caches(self, batch: int, max_length: int) -> list:
+    check_length(self.config, max_length, 'decoding')
+    return self.decoder.init_caches(batch, max_length)
+
+  def decode_step(self, tokens, positions, caches):
+    """tokens [b] at positions [b] -> (logits [b, vocab] fp32 of the next token, caches)."""
+    x = self.embedder.embed(tokens[:, None], positions[:, None], None)
+    x, caches = self.decoder.decode_step(x, positions, caches)
+    return self.embedder.logits(x)[:, 0], caches
+
 
 class EncoderDecoder(nnx.Module):
   """Encoder with long attention over the source; causal decoder with cross-attention."""
@@ -231,3 +314,26 @@ class EncoderDecoder(nnx.Module):
                          decoder_segment_ids=decoder_segment_ids,
                          decoder_positions=decoder_positions, dropout_key=dropout_key)
     return logits, _collect_aux(auxes)
+
+  # Decoding ---------------------------------------------------------------
+  def init_decoding(self, inputs, *, inputs_segment_ids=None, max_length: int):
+    """Encodes the source once for decoding.
+
+    inputs [b, s], inputs_segment_ids [b, s] (0 = padding; default all 1);
+    max_length: decoder positions 0..max_length-1 (bos at 0).
+    Returns (memories, caches): each decoder block's projected encoder keys and
+    values, and its empty self-attention cache.
+    """
+    check_length(self.config, max_length, 'decoding')
+    if inputs_segment_ids is None:
+      inputs_segment_ids = jnp.ones(inputs.shape, jnp.int32)
+    encoded, _ = self.encode(inputs, segment_ids=inputs_segment_ids)
+    memories = [block.cross_attention.project_memory(encoded) for block in self.decoder.blocks]
+    return memories, self.decoder.init_caches(inputs.shape[0], max_length)
+
+  def decode_step(self, tokens, positions, caches, memories, memory_segment_ids):
+    """Decoder tokens [b] at positions [b] -> (logits [b, vocab] fp32, caches)."""
+    y = self.embedder.embed(tokens[:, None], positions[:, None], None)
+    y, caches = self.decoder.decode_step(y, positions, caches, memories,
+                                         jnp.asarray(memory_segment_ids, jnp.int32))
+    return self.embedder.logits(y)[:, 0], caches
