@@ -1,4 +1,4 @@
-"""Command line: python -m longjax.main --config=configs/base.py --workdir=DIR [--mode=eval].
+"""Command line: python -m longjax.main --config=configs/base.py --workdir=DIR [--mode=eval|decode].
 
 Any config field can be overridden as --config.x.y=value; the config is
 locked, so a misspelled field is an error. Launch commands for a laptop, a GPU
@@ -22,9 +22,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Checkpoints, metrics and the config go here; resumed from.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                          'train (resumes if the workdir has checkpoints), or eval (evaluates '
-                          'the latest checkpoint at config.eval_seq_len).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'decode'],
+                          'train (resumes if the workdir has checkpoints), eval (evaluates '
+                          'the latest checkpoint at config.eval_seq_len), or decode (generates '
+                          'for the eval split and scores ROUGE / BLEU / exact match).')
 _DISTRIBUTED = flags.DEFINE_enum(
     'distributed', 'auto', ['auto', 'on', 'off'],
     'Call jax.distributed.initialize()? auto: when a coordinator is given (flags below or '
@@ -35,7 +36,8 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-MODES = {'train': trainer.train_and_evaluate, 'eval': trainer.evaluate}
+MODES = {'train': trainer.train_and_evaluate, 'eval': trainer.evaluate,
+         'decode': trainer.decode_eval}
 
 
 def _wants_distributed() -> bool:

@@ -170,6 +170,10 @@ class MetricsWriter:
   def write(self, step: int, split: str, values: Mapping[str, Any]):
     self._writer.write_scalars(step, {f'{split}/{key}': value for key, value in values.items()})
 
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    """Text (decoded samples) to TensorBoard; metrics.jsonl keeps numbers only."""
+    self._writer.write_texts(step, texts)
+
   def write_hparams(self, hparams: Mapping[str, Any]):
     """The config, as text in TensorBoard (metrics.jsonl keeps metrics only)."""
     self._writer.write_hparams(hparams)

@@ -36,7 +36,7 @@ import copy
 import json
 import os
 import resource
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -45,6 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from longjax import data
+from longjax import decode as decode_lib
 from longjax import models
 from longjax import sharding
 from longjax.data import lm_examples
@@ -128,6 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     compiled_memory = _log_memory(train_step)
     evaluator = _Evaluator(config, tokenizer, graphdef, mesh, rules, shardings.params,
                            seq2seq=seq2seq, synthetic=synthetic)
+    samples = _Samples(config, tokenizer, graphdef, mesh, rules, seq2seq=seq2seq)
 
     # The loop: step, check, log, evaluate, checkpoint.
     progress = metrics.Progress(total_steps=config.num_train_steps,
@@ -163,6 +165,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         summary = evaluator(state.params)
         writer.write(step, 'eval', summary)
         logging.info('eval at step %d: %s', step, _format(summary))
+        if samples.enabled:
+          text = samples(state.params)
+          writer.write_texts(step, {'decode/samples': text})
+          logging.info('decoded eval samples at step %d:\n%s', step, text)
       if _every(step, config.checkpoint_every_steps) or last or preempted:
         # Only a state whose step was checked finite is ever saved.
         _check_finite(unchecked, checkpoints)
@@ -182,6 +188,52 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   mesh of *this* run, whatever mesh trained it. The metrics are logged to
   `metrics.jsonl` with split "eval" at the checkpoint's step, and returned.
   """
+  run = _restore_latest(config, workdir)
+  evaluator = _Evaluator(run.config, run.tokenizer, run.graphdef, run.mesh, run.rules,
+                         run.param_shardings, seq2seq=data.is_seq2seq(run.config),
+                         synthetic=sources.is_synthetic(run.config.dataset.name))
+  summary = evaluator(run.state.params)
+  with metrics.MetricsWriter(run.workdir, enabled=jax.process_index() == 0) as writer:
+    writer.write(run.step, 'eval', summary)
+  logging.info('eval of step %d: %s', run.step, _format(summary))
+  return summary
+
+
+def decode_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Generates for the eval split from the latest checkpoint and scores it.
+
+  Seq2seq: greedy or beam search as `config.decode` says, ROUGE-1/2/L and
+  BLEU against the references. LM tasks (passkey, ...): the answer after each
+  prompt, exact match. Predictions go to `workdir/decode/predictions_step{N}.jsonl`,
+  the scores to `metrics.jsonl` (split "decode") and TensorBoard.
+  """
+  if jax.process_count() > 1:
+    raise NotImplementedError('--mode=decode runs on one process; copy the checkpoint and '
+                              'decode on a single host.')
+  run = _restore_latest(config, workdir)
+  summary = decode_lib.decode_and_score(run.config, run.workdir, (run.graphdef, run.state.params),
+                                        run.tokenizer, step=run.step, mesh=run.mesh,
+                                        rules=run.rules)
+  with metrics.MetricsWriter(run.workdir, enabled=True) as writer:
+    writer.write(run.step, 'decode', summary)
+  logging.info('decode of step %d: %s', run.step, _format(summary))
+  return summary
+
+
+class _Restored(NamedTuple):
+  config: ml_collections.ConfigDict
+  workdir: str
+  tokenizer: Any
+  graphdef: Any
+  mesh: Any
+  rules: tuple
+  param_shardings: Any
+  step: int
+  state: state_lib.TrainState
+
+
+def _restore_latest(config, workdir) -> _Restored:
+  """The latest checkpoint of `workdir` on this run's mesh, for evaluation."""
   workdir = _absolute(workdir)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.axis_rules)
@@ -203,15 +255,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     raise FileNotFoundError(f'No checkpoint to evaluate in {workdir}/checkpoints; train first '
                             f'with the same --workdir.')
   step, state = restored
-
-  evaluator = _Evaluator(config, tokenizer, graphdef, mesh, rules, shardings.params,
-                         seq2seq=data.is_seq2seq(config),
-                         synthetic=sources.is_synthetic(config.dataset.name))
-  summary = evaluator(state.params)
-  with metrics.MetricsWriter(workdir, enabled=jax.process_index() == 0) as writer:
-    writer.write(step, 'eval', summary)
-  logging.info('eval of step %d: %s', step, _format(summary))
-  return summary
+  return _Restored(config, workdir, tokenizer, graphdef, mesh, rules, shardings.params, step,
+                   state)
 
 
 # Helpers, in the order train_and_evaluate uses them -----------------------
@@ -292,6 +337,29 @@ class _Batches:
         layout[key], np.asarray(local_batch[key]),
         (self.global_batch_size,) + np.shape(local_batch[key])[1:])
             for key in layout}
+
+
+class _Samples:
+  """A few eval examples decoded at every evaluation of a seq2seq run.
+
+  The batch is read once (the first rows of the eval split), so the samples
+  of successive evaluations can be compared. Single-process runs only.
+  """
+
+  def __init__(self, config, tokenizer, graphdef, mesh, rules, *, seq2seq: bool):
+    self.enabled = (seq2seq and config.decode.num_examples > 0 and
+                    config.eval_every_steps > 0 and jax.process_count() == 1)
+    self._args = (config, tokenizer, graphdef, mesh, rules)
+    self._batch = None
+    if self.enabled:
+      self._batch = next(iter(data.build_eval_iterator(
+          config, tokenizer, with_text=True, process_index=0, process_count=1)))
+
+  def __call__(self, params) -> str:
+    config, tokenizer, graphdef, mesh, rules = self._args
+    samples = decode_lib.sample_texts(config, (graphdef, params), tokenizer, self._batch,
+                                      mesh=mesh, rules=rules)
+    return decode_lib.format_samples(samples)
 
 
 def _log_memory(compiled) -> Optional[int]:

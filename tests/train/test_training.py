@@ -102,3 +102,19 @@ def test_encoder_decoder_on_translation(tmp_path):
   records = train_testing.read_metrics(tmp_path)
   assert [(r['step'], r['split']) for r in records] == [(1, 'train'), (2, 'train'), (2, 'eval')]
   assert all(math.isfinite(r['loss']) and r['bits_per_byte'] > 0 for r in records)
+  # The eval at step 2 also decoded a few examples and logged them as text.
+  event_files = glob.glob(os.path.join(tmp_path, 'events.out.tfevents.*'))
+  assert any(b'decode/samples' in open(path, 'rb').read() for path in event_files)
+
+  # --mode=decode: generate for the eval split from the checkpoint and score it.
+  config.decode.max_decode_len = 8
+  with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+    scores = trainer.decode_eval(config, tmp_path)
+  # num_eval_steps (1) batches of batch_size rows.
+  assert scores['num_examples'] == config.batch_size and 0 <= scores['bleu'] <= 100
+  last = train_testing.read_metrics(tmp_path)[-1]
+  assert last['split'] == 'decode' and last['step'] == 2 and 'rougeL' in last
+  with open(os.path.join(tmp_path, 'decode', 'predictions_step2.jsonl')) as f:
+    predictions = [json.loads(line) for line in f]
+  assert len(predictions) == config.batch_size and all('reference' in p and 'prediction' in p
+                                        for p in predictions)
