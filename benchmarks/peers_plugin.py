@@ -32,6 +32,8 @@ def _builder(kind: str, causal: bool, **attention):
         mlp_dim=cfg['mlp'], vocab_size=cfg['vocab_size'], max_len=max(cfg['seq_len'], 1024),
         dtype=cfg['dtype_name'], param_dtype='float32', positions='rope',
         remat=cfg.get('longjax_remat', 'none'),
+        # LongT5's default feed-forward (T5 v1.0): relu, two matrices; BigBird: gelu.
+        mlp_activation=cfg.get('longjax_mlp', 'relu'),
         attention=dict(kind=kind, **attention)))
 
     class Stack(nnx.Module):

@@ -21,7 +21,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   model.num_heads = 4  # Query heads.
   model.num_kv_heads = -1  # Key/value heads (grouped-query attention); -1 = num_heads.
   model.head_dim = -1  # Per-head width; -1 = emb_dim // num_heads.
-  model.mlp_dim = 512  # Hidden width of the gated MLP.
+  model.mlp_dim = 512  # Hidden width of the MLP.
+  model.mlp_activation = 'swiglu'  # 'swiglu', 'geglu' (gated, 3 matrices), 'gelu', 'relu' (2).
   model.vocab_size = 259  # Byte tokenizer: 256 bytes + pad, eos, bos (set by the tokenizer).
   model.max_len = 2048  # Longest sequence the model accepts (inputs are checked against it).
   model.dropout_rate = 0.0  # Dropout on the residual branches while training.
@@ -32,7 +33,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   model.t5_max_distance = 128  # Distances beyond this share the last bucket.
   model.dtype = 'bfloat16'  # Compute dtype of matmuls (softmax, norms, logits stay fp32).
   model.param_dtype = 'float32'  # Master weights.
-  model.remat = 'none'  # 'none', 'full', or a named policy ('dots', 'attention_out').
+  model.remat = 'none'  # 'none', 'attention' (kernel only), 'dots', 'attention_out', 'full'.
 
   attention = ml_collections.ConfigDict()
   attention.kind = 'full'  # One of longjax.attention.KINDS.

@@ -94,14 +94,23 @@ class SelfAttention(_Projections):
   def __call__(self, x, *, positions, segment_ids=None, bias_fn=None):
     """x [b, l, emb] -> ([b, l, emb], aux) with aux holding the mean span if adaptive."""
     q, k, v = self.project(x, positions)
-    kwargs = kernel_kwargs(self.config, self.kind)
+    settings = kernel_kwargs(self.config, self.kind)
     aux = {}
+    spans = None
     if self.kind == 'adaptive_span':
       spans = self.spans()
-      kwargs['spans'] = spans
       aux['span'] = kernels.span_penalty(spans)
-    out = kernels.get(self.kind)(q, k, v, causal=self.causal, segment_ids=segment_ids,
-                                 bias_fn=bias_fn, **kwargs)
+
+    def kernel(q, k, v, segment_ids, spans):
+      extra = {} if spans is None else {'spans': spans}
+      return kernels.get(self.kind)(q, k, v, causal=self.causal, segment_ids=segment_ids,
+                                    bias_fn=bias_fn, **settings, **extra)
+
+    if self.config.remat == 'attention':
+      # Keep only q, k, v (and the output) for the backward pass: the score
+      # tiles, O(length x window) per head, are recomputed instead of stored.
+      kernel = jax.checkpoint(kernel, policy=jax.checkpoint_policies.nothing_saveable)
+    out = kernel(q, k, v, segment_ids, spans)
     return self.output(out), aux
 
   # Decoding ---------------------------------------------------------------

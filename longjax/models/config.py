@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from longjax import attention
 
 POSITIONS = ('rope', 't5_bias', 'learned')
-REMAT_POLICIES = ('none', 'full', 'dots', 'attention_out')
+REMAT_POLICIES = ('none', 'attention', 'dots', 'attention_out', 'full')
+MLP_ACTIVATIONS = ('swiglu', 'geglu', 'gelu', 'relu')
 MODEL_KINDS = ('lm', 'encoder_decoder')
 # Decoder self-attention of the encoder-decoder: kinds whose causal form keeps a
 # bounded or full key/value cache when decoding token by token.
@@ -47,6 +48,7 @@ class ModelConfig:
   num_kv_heads: int = -1
   head_dim: int = -1
   mlp_dim: int = 512
+  mlp_activation: str = 'swiglu'
   vocab_size: int = 259
   max_len: int = 2048
   dropout_rate: float = 0.0
@@ -132,6 +134,8 @@ class ModelConfig:
       fail('head_dim', f'RoPE rotates pairs of features; head_dim {self.dim_per_head} is odd.')
     if self.positions not in POSITIONS:
       fail('positions', f'{self.positions!r} is not one of {POSITIONS}.')
+    if self.mlp_activation not in MLP_ACTIVATIONS:
+      fail('mlp_activation', f'{self.mlp_activation!r} is not one of {MLP_ACTIVATIONS}.')
     if self.remat not in REMAT_POLICIES:
       fail('remat', f'{self.remat!r} is not one of {REMAT_POLICIES}.')
     for field in ('dtype', 'param_dtype'):

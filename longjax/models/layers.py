@@ -72,20 +72,34 @@ class Embed(nnx.Module):
     return logits / math.sqrt(x.shape[-1])
 
 
-class MLP(nnx.Module):
-  """Gated SiLU feed-forward (SwiGLU, Shazeer 2020)."""
+MLP_ACTIVATIONS = {'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu, 'gelu': jax.nn.gelu,
+                   'relu': jax.nn.relu}
+GATED = ('swiglu', 'geglu')
 
-  def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    self.wi_gate = param(rngs, normal(dim ** -0.5), (dim, hidden), ('embed', 'mlp'), param_dtype)
+
+class MLP(nnx.Module):
+  """Feed-forward: gated (SwiGLU/GeGLU, Shazeer 2020: act(x W_gate) * x W_up)
+  with three matrices, or plain (act(x W_up), as T5 v1.0 and BERT) with two."""
+
+  def __init__(self, dim: int, hidden: int, *, activation: str = 'swiglu', dtype, param_dtype,
+               rngs: nnx.Rngs):
+    if activation in GATED:
+      self.wi_gate = param(rngs, normal(dim ** -0.5), (dim, hidden), ('embed', 'mlp'),
+                           param_dtype)
     self.wi_up = param(rngs, normal(dim ** -0.5), (dim, hidden), ('embed', 'mlp'), param_dtype)
     self.wo = param(rngs, normal(hidden ** -0.5), (hidden, dim), ('mlp', 'embed'), param_dtype)
+    self.activation = activation
     self.dtype = dtype
 
   def __call__(self, x):
     w = lambda p: p[...].astype(self.dtype)
-    gate = jnp.einsum('ble,em->blm', x, w(self.wi_gate))
+    act = MLP_ACTIVATIONS[self.activation]
     up = jnp.einsum('ble,em->blm', x, w(self.wi_up))
-    h = sharding.constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'mlp'))
+    if self.activation in GATED:
+      h = act(jnp.einsum('ble,em->blm', x, w(self.wi_gate))) * up
+    else:
+      h = act(up)
+    h = sharding.constrain(h, ('batch', 'length', 'mlp'))
     return jnp.einsum('blm,me->ble', h, w(self.wo))
 
 

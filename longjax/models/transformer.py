@@ -26,6 +26,8 @@ from longjax.models import layers
 from longjax.models.attention import CrossAttention, SelfAttention
 from longjax.models.config import ModelConfig
 
+# Block-level policies; 'attention' instead rematerialises only inside the
+# attention kernel (SelfAttention), and 'none' nothing.
 _REMAT_POLICIES = {
     'full': None,  # save nothing inside a block
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -47,7 +49,7 @@ def _call_block(config: ModelConfig, block, *args, **kwargs):
 
   Arrays go through `args`; `kwargs` (the position-bias closure) are closed over.
   """
-  if config.remat == 'none':
+  if config.remat in ('none', 'attention'):
     return block(*args, **kwargs)
   fn = nnx.remat(lambda block, *a: block(*a, **kwargs), policy=_REMAT_POLICIES[config.remat])
   return fn(block, *args)
@@ -79,8 +81,8 @@ class Block(nnx.Module):
       self.cross_norm = _norm(config, rngs)
       self.cross_attention = CrossAttention(config, rngs=rngs)
     self.mlp_norm = _norm(config, rngs)
-    self.mlp = layers.MLP(config.emb_dim, config.mlp_dim, dtype=config.compute_dtype,
-                          param_dtype=config.weight_dtype, rngs=rngs)
+    self.mlp = layers.MLP(config.emb_dim, config.mlp_dim, activation=config.mlp_activation,
+                          dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
 
   def __call__(self, x, positions, segment_ids, dropout_key, memory=None,
                memory_segment_ids=None, *, bias_fn=None):

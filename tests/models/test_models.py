@@ -38,7 +38,8 @@ def expected_param_count(c: models.ModelConfig):
   e, h, hk, d, m, v = (c.emb_dim, c.num_heads, c.kv_heads, c.dim_per_head, c.mlp_dim,
                        c.vocab_size)
   attention_weights = e * h * d + 2 * e * hk * d + h * d * e
-  block = attention_weights + 3 * e * m + 2 * e  # q,k,v,o + gated MLP + 2 RMSNorm scales
+  mlp = (3 if c.mlp_activation in ('swiglu', 'geglu') else 2) * e * m
+  block = attention_weights + mlp + 2 * e  # q,k,v,o + MLP + 2 RMSNorm scales
   n = v * e + (0 if c.tie_embeddings else e * v) + (c.max_len * e if c.positions == 'learned' else 0)
   relative = c.t5_num_buckets * h if c.positions == 't5_bias' else 0
   spans = lambda kinds: h * sum(k == 'adaptive_span' for k in kinds)
@@ -50,7 +51,7 @@ def expected_param_count(c: models.ModelConfig):
 
 @pytest.mark.parametrize('config', [
     tiny(),
-    tiny(tie_embeddings=False, positions='learned'),
+    tiny(tie_embeddings=False, positions='learned', mlp_activation='relu'),
     tiny('adaptive_span', positions='t5_bias', num_kv_heads=-1, head_dim=16),
     tiny('local', kind='encoder_decoder', num_decoder_layers=3, positions='t5_bias'),
 ], ids=['tied', 'untied_learned', 'adaptive_t5', 'encdec'])
@@ -170,7 +171,7 @@ def test_bf16_forward_backward_close_to_fp32(kind):
     assert float(np.abs(g16 - g32).max()) < 0.1 * scale
 
 
-@pytest.mark.parametrize('policy', ['full', 'dots', 'attention_out'])
+@pytest.mark.parametrize('policy', ['attention', 'full', 'dots', 'attention_out'])
 def test_remat_gives_the_same_gradients(policy):
   ids = tokens(14, (2, 33))
   for kind in ('local', 'adaptive_span'):
