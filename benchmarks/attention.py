@@ -96,7 +96,6 @@ def main():
   if args.point:
     return run_one(args)
 
-  results = []
   passthrough = [f'--dtype={args.dtype}', f'--batch={args.batch}', f'--heads={args.heads}',
                  f'--head-dim={args.head_dim}', f'--radius={args.radius}',
                  f'--num-global={args.num_global}', f'--summary-block={args.summary_block}',
@@ -104,51 +103,26 @@ def main():
   if args.causal:
     passthrough.append('--causal')
   print(f'# {harness.machine_description()}', flush=True)
-  for kind in args.kinds.split(','):
-    for mode in args.modes.split(','):
-      failed = False
-      for length in [int(x) for x in args.lengths.split(',')]:
-        if failed:
-          row = dict(kind=kind, mode=mode, length=length, status='SKIP')
-        else:
-          row = harness.run_point(
-              [os.path.abspath(__file__), '--point', f'--kind={kind}', f'--mode={mode}',
-               f'--length={length}'] + passthrough,
-              timeout=args.timeout, mem_cap_gb=args.mem_cap_gb)
-          row.update(kind=kind, mode=mode, length=length)
-          failed = row['status'] != 'ok'
-        results.append(row)
-        print(json.dumps({k: row.get(k) for k in (
-            'kind', 'mode', 'length', 'status', 'median_s', 'tokens_per_s', 'peak_rss_gb',
-            'xla_temp_bytes')}), flush=True)
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(dict(machine=harness.machine_description(), argv=sys.argv, results=results),
-                f, indent=1)
+  series = [dict(kind=kind, mode=mode) for kind in args.kinds.split(',')
+            for mode in args.modes.split(',')]
+  results = harness.sweep(os.path.abspath(__file__), series,
+                          [int(x) for x in args.lengths.split(',')], passthrough,
+                          timeout=args.timeout, mem_cap_gb=args.mem_cap_gb,
+                          show=('median_s', 'tokens_per_s', 'peak_rss_gb', 'xla_temp_bytes'))
+  harness.save(args.out, results)
   print(report(results))
 
 
 def report(results) -> str:
-  """Markdown: one table per mode, ms and peak memory per kind and length."""
-  lengths = sorted({r['length'] for r in results})
+  """Markdown: one table per mode, time and memory per kind and length."""
+  def cell(r):
+    temp = (r.get('xla_temp_bytes') or 0) / 2**20
+    return f"{r['median_s'] * 1e3:.1f} ms / {temp:.0f} MiB / {r['peak_rss_gb']:.2f} GB"
+
   out = []
   for mode in dict.fromkeys(r['mode'] for r in results):
-    rows = []
-    for kind in dict.fromkeys(r['kind'] for r in results):
-      row = [kind]
-      for length in lengths:
-        r = next((r for r in results if r['kind'] == kind and r['mode'] == mode
-                  and r['length'] == length), None)
-        if r is None:
-          row.append('')
-        elif r['status'] != 'ok':
-          row.append(r['status'])
-        else:
-          temp = (r.get('xla_temp_bytes') or 0) / 2**20
-          row.append(f"{r['median_s'] * 1e3:.1f} ms / {temp:.0f} MiB / {r['peak_rss_gb']:.2f} GB")
-      rows.append(row)
     out.append(f'\n{mode}: median time / XLA temp memory / peak process RSS\n')
-    out.append(harness.markdown_table(['kind'] + [str(l) for l in lengths], rows))
+    out.append(harness.length_table([r for r in results if r['mode'] == mode], 'kind', cell))
   return '\n'.join(out)
 
 

@@ -118,57 +118,28 @@ def main():
                  f'--radius={args.radius}', f'--decode-tokens={args.decode_tokens}',
                  f'--steps={args.steps}']
   print(f'# {harness.machine_description()}', flush=True)
-  results = []
-  for mode in args.modes.split(','):
-    for kind in args.kinds.split(','):
-      failed = False
-      for length in [int(x) for x in args.lengths.split(',')]:
-        if failed:
-          row = dict(kind=kind, mode=mode, length=length, status='SKIP')
-        else:
-          row = harness.run_point(
-              [os.path.abspath(__file__), '--point', f'--kind={kind}', f'--mode={mode}',
-               f'--length={length}'] + passthrough,
-              timeout=args.timeout, mem_cap_gb=args.mem_cap_gb)
-          row.update(kind=kind, mode=mode, length=length)
-          failed = row['status'] != 'ok'
-        results.append(row)
-        print(json.dumps({k: row.get(k) for k in (
-            'kind', 'mode', 'length', 'status', 'median_s', 'tokens_per_s',
-            'prompt_tokens_per_s', 'cache_bytes', 'peak_rss_gb')}), flush=True)
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(dict(machine=harness.machine_description(), argv=sys.argv, results=results),
-                f, indent=1)
+  series = [dict(mode=mode, kind=kind) for mode in args.modes.split(',')
+            for kind in args.kinds.split(',')]
+  results = harness.sweep(os.path.abspath(__file__), series,
+                          [int(x) for x in args.lengths.split(',')], passthrough,
+                          timeout=args.timeout, mem_cap_gb=args.mem_cap_gb,
+                          show=('median_s', 'tokens_per_s', 'prompt_tokens_per_s', 'cache_bytes',
+                                'peak_rss_gb'))
+  harness.save(args.out, results)
   print(report(results))
 
 
 def report(results) -> str:
-  """Markdown: decode tokens/s, cache memory and prefill time per kind and prompt length."""
-  lengths = sorted({r['length'] for r in results})
-  find = lambda kind, mode, length: next(
-      (r for r in results if (r['kind'], r['mode'], r['length']) == (kind, mode, length)), None)
-  rows = []
-  for kind in dict.fromkeys(r['kind'] for r in results):
-    row = [kind]
-    for length in lengths:
-      cells = []
-      decode_point = find(kind, 'decode', length)
-      if decode_point is not None:
-        if decode_point['status'] != 'ok':
-          cells.append(decode_point['status'])
-        else:
-          cells.append(f"{decode_point['tokens_per_s']:.0f} tok/s / "
-                       f"{decode_point['cache_bytes'] / 2**20:.2f} MiB")
-      prefill_point = find(kind, 'prefill', length)
-      if prefill_point is not None:
-        cells.append(f"prefill {prefill_point['median_s']:.2f} s"
-                     if prefill_point['status'] == 'ok' else f"prefill {prefill_point['status']}")
-      row.append(' / '.join(cells))
-    rows.append(row)
-  header = ['kind'] + [f'prompt {length}' for length in lengths]
-  return ('\ndecode: generated tokens/s (batch 1) / cache memory; prefill: forward over the '
-          'prompt\n\n' + harness.markdown_table(header, rows))
+  """Markdown: decode tokens/s and cache memory, and prefill time, per kind and prompt length."""
+  decode = harness.length_table(
+      [r for r in results if r['mode'] == 'decode'], 'kind',
+      lambda r: f"{r['tokens_per_s']:.0f} tok/s / {r['cache_bytes'] / 2**20:.2f} MiB",
+      'prompt ')
+  prefill = harness.length_table(
+      [r for r in results if r['mode'] == 'prefill'], 'kind',
+      lambda r: f"{r['median_s']:.2f} s", 'prompt ')
+  return ('\ndecode: generated tokens/s (batch 1) / cache memory\n\n' + decode +
+          '\n\nprefill: forward over the prompt\n\n' + prefill)
 
 
 if __name__ == '__main__':

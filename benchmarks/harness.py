@@ -123,3 +123,51 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
   return '\n'.join(lines)
+
+
+def sweep(script: str, series: list[dict], lengths: list[int], passthrough: list[str], *,
+          timeout: float, mem_cap_gb: Optional[float], show: tuple[str, ...]) -> list[dict]:
+  """Runs `script --point --<key>=<value>... --length=L` for every series and length.
+
+  A series is a dict of point flags (e.g. {'kind': 'local', 'mode': 'fwd'});
+  once a point fails, the longer lengths of its series are marked SKIP.
+  Prints one JSON line per point (the `show` fields) as it goes.
+  """
+  results = []
+  for flags in series:
+    failed = False
+    for length in lengths:
+      if failed:
+        row = dict(status='SKIP')
+      else:
+        argv = [script, '--point'] + [f'--{k}={v}' for k, v in flags.items()]
+        row = run_point(argv + [f'--length={length}'] + passthrough, timeout=timeout,
+                        mem_cap_gb=mem_cap_gb)
+        failed = row['status'] != 'ok'
+      row.update(flags, length=length)
+      results.append(row)
+      print(json.dumps({k: row.get(k) for k in tuple(flags) + ('length', 'status') + show}),
+            flush=True)
+  return results
+
+
+def save(path: str, results: list[dict], **extra) -> None:
+  """The raw results with the machine and the command line, as JSON."""
+  if path:
+    with open(path, 'w') as f:
+      json.dump(dict(machine=machine_description(), argv=sys.argv, results=results, **extra),
+                f, indent=1)
+
+
+def length_table(results: list[dict], row_key: str, cell: Callable[[dict], str],
+                 header_prefix: str = '') -> str:
+  """Markdown table: one row per value of `row_key`, one column per length."""
+  lengths = sorted({r['length'] for r in results})
+  rows = []
+  for name in dict.fromkeys(r[row_key] for r in results):
+    row = [name]
+    for length in lengths:
+      r = next((r for r in results if r[row_key] == name and r['length'] == length), None)
+      row.append('' if r is None else (cell(r) if r['status'] == 'ok' else r['status']))
+    rows.append(row)
+  return markdown_table([row_key] + [f'{header_prefix}{l}' for l in lengths], rows)

@@ -68,7 +68,7 @@ def keys_per_query(kind: str, length: int) -> float:
     b = BLOCK_SIZE[kind]
     total = (i % b) + 1 + np.where(i >= b, b, 0)  # level 0: own block so far + previous
     for level in range(1, num_levels(length, b) + 1):
-      f, w = 2 ** level, b * 2 ** level
+      w = b * 2 ** level
       lo = (i // w - 1) * b                       # coarse keys of the level window start
       finer_lo = (i // (w // 2) - 1) * (b // 2)   # the finer level's region start
       total += np.maximum(finer_lo - np.maximum(lo, 0), 0)  # causal: keys before the finer region
@@ -113,7 +113,6 @@ def run_point(args):
 def run_peak(args):
   """Dense matmul peak of this machine in args.dtype (FLOP/s)."""
   import jax
-  import jax.numpy as jnp
   n = 2048
   a = jax.random.normal(jax.random.key(0), (n, n), args.dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), args.dtype)
@@ -139,72 +138,50 @@ def main():
   parser.add_argument('--timeout', type=float, default=600)
   parser.add_argument('--mem-cap-gb', type=float, default=20)
   parser.add_argument('--out', default='')
-  parser.add_argument('--point', choices=['step', 'peak'], help=argparse.SUPPRESS)
+  parser.add_argument('--point', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--point-kind', choices=['step', 'peak'], help=argparse.SUPPRESS)
   parser.add_argument('--kind', help=argparse.SUPPRESS)
   parser.add_argument('--length', type=int, help=argparse.SUPPRESS)
   parser.add_argument('--dtype', help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.point == 'step':
-    return run_point(args)
-  if args.point == 'peak':
-    return run_peak(args)
+  if args.point:
+    return run_peak(args) if args.point_kind == 'peak' else run_point(args)
 
   shape = [f'--batch={args.batch}', f'--hidden={args.hidden}', f'--heads={args.heads}',
            f'--layers={args.layers}', f'--mlp={args.mlp}', f'--vocab={args.vocab}',
            f'--remat={args.remat}', f'--steps={args.steps}', f'--min-seconds={args.min_seconds}']
   me = os.path.abspath(__file__)
   print(f'# {harness.machine_description()}', flush=True)
-  peaks, results = {}, []
+  peaks = {}
   for dtype in args.dtypes.split(','):
-    peak = harness.run_point([me, '--point=peak', f'--dtype={dtype}'], timeout=120)
+    peak = harness.run_point([me, '--point', '--point-kind=peak', f'--dtype={dtype}'],
+                             timeout=120)
     peaks[dtype] = peak.get('peak_flops_per_s')
     print(f'# matmul peak {dtype}: {peaks[dtype] / 1e9:.1f} GFLOP/s', flush=True)
-  for dtype in args.dtypes.split(','):
-    for kind in args.kinds.split(','):
-      failed = False
-      for length in [int(x) for x in args.lengths.split(',')]:
-        if failed:
-          row = dict(status='SKIP')
-        else:
-          row = harness.run_point([me, '--point=step', f'--kind={kind}', f'--length={length}',
-                                   f'--dtype={dtype}'] + shape,
-                                  timeout=args.timeout, mem_cap_gb=args.mem_cap_gb)
-          failed = row['status'] != 'ok'
-        row.update(kind=kind, length=length, dtype=dtype)
-        if row['status'] == 'ok' and peaks.get(dtype):
-          row['mfu'] = row['model_flops_per_s'] / peaks[dtype]
-        results.append(row)
-        print(json.dumps({k: row.get(k) for k in (
-            'kind', 'dtype', 'length', 'status', 'median_s', 'tokens_per_s', 'mfu',
-            'peak_rss_gb', 'xla_temp_bytes')}), flush=True)
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(dict(machine=harness.machine_description(), argv=sys.argv, peaks=peaks,
-                     results=results), f, indent=1)
+  series = [dict(dtype=dtype, kind=kind) for dtype in args.dtypes.split(',')
+            for kind in args.kinds.split(',')]
+  results = harness.sweep(me, series, [int(x) for x in args.lengths.split(',')],
+                          ['--point-kind=step'] + shape, timeout=args.timeout,
+                          mem_cap_gb=args.mem_cap_gb,
+                          show=('median_s', 'tokens_per_s', 'model_flops_per_s', 'peak_rss_gb',
+                                'xla_temp_bytes'))
+  for row in results:
+    if row['status'] == 'ok' and peaks.get(row['dtype']):
+      row['mfu'] = row['model_flops_per_s'] / peaks[row['dtype']]
+  harness.save(args.out, results, peaks=peaks)
   print(report(results, peaks))
 
 
 def report(results, peaks) -> str:
-  lengths = sorted({r['length'] for r in results})
+  """Markdown, one table per dtype: tokens/s, peak RSS and MFU per kind and length."""
   out = []
   for dtype in dict.fromkeys(r['dtype'] for r in results):
-    rows = []
-    for kind in dict.fromkeys(r['kind'] for r in results):
-      row = [kind]
-      for length in lengths:
-        r = next((r for r in results if r['kind'] == kind and r['dtype'] == dtype
-                  and r['length'] == length), None)
-        if r is None:
-          row.append('')
-        elif r['status'] != 'ok':
-          row.append(r['status'])
-        else:
-          row.append(f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_rss_gb']:.2f} GB, "
-                     f"MFU {100 * r.get('mfu', 0):.0f}%")
-      rows.append(row)
     peak = peaks.get(dtype) or 0
     out.append(f'\n{dtype} (matmul peak {peak / 1e9:.1f} GFLOP/s): tokens/s, peak RSS, MFU\n')
-    out.append(harness.markdown_table(['kind'] + [str(l) for l in lengths], rows))
+    out.append(harness.length_table(
+        [r for r in results if r['dtype'] == dtype], 'kind',
+        lambda r: (f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_rss_gb']:.2f} GB, "
+                   f"MFU {100 * r.get('mfu', 0):.0f}%")))
   return '\n'.join(out)
 
 

@@ -21,7 +21,6 @@ import peers  # the harness module (the --plugin loader makes it importable)
 
 def _builder(kind: str, causal: bool, **attention):
   def build(cfg):
-    import jax
     import jax.numpy as jnp
     from flax import nnx
     from longjax import models

@@ -8,6 +8,8 @@ change only what differs. Any field can be overridden on the command line:
 
 The config is locked by `main.py`, so a misspelled field is an error.
 """
+import os
+
 import ml_collections
 
 
@@ -38,7 +40,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   attention = ml_collections.ConfigDict()
   attention.kind = 'full'  # One of longjax.attention.KINDS.
   attention.radius = 128  # Local window: query i sees keys j with |i - j| <= radius.
-  attention.num_global = 16  # global_local: positions 0..num_global-1 are global.
+  attention.num_global = 16  # global_local: how many global tokens (a row's first, or its marked).
+  attention.global_tokens = 'prefix'  # 'prefix' (positions 0..num_global-1) or 'marked' (batch global_mask).
   attention.block_size = 64  # transient_global summary blocks / hierarchical / chunked blocks.
   attention.max_span = 256  # adaptive_span: longest span a head may learn.
   attention.span_ramp = 32.0  # adaptive_span: width R of the soft mask ramp.
@@ -152,10 +155,14 @@ def get_config() -> ml_collections.ConfigDict:
 def parse_arg(arg: str, sizes: tuple[str, ...]) -> tuple[str, str]:
   """Splits a config argument into (attention kind or '', size).
 
-  sizes[0] is the default size. Unknown words raise, listing what is valid.
+  sizes[0] is the default size (or $LONGJAX_CONFIG_SIZE when it names one).
+  Unknown words raise, listing what is valid.
   """
   from longjax import attention  # pylint: disable=g-import-not-at-top
-  kind, size = '', sizes[0]
+  # LONGJAX_CONFIG_SIZE=tiny shrinks any launch to a seconds-long smoke run
+  # (how the README's quick-start command is tested).
+  default = os.environ.get('LONGJAX_CONFIG_SIZE', '')
+  kind, size = '', default if default in sizes else sizes[0]
   for word in filter(None, (w.strip() for w in (arg or '').split(','))):
     if word in attention.KINDS:
       kind = word

@@ -62,6 +62,9 @@ def get_config(arg: str = ''):
   config.model.max_len = 4096
   config.model.attention.kind = 'full'
   config.model.attention.radius = 8
+  # global_local: the question ('?' and the answer so far) is global, as
+  # Longformer makes question tokens global; at most num_global of them.
+  config.model.attention.global_tokens = 'marked'
   config.model.attention.num_global = 8
   config.model.attention.block_size = 8
   config.model.attention.max_span = 16

@@ -29,7 +29,9 @@ import numpy as np
 
 from longjax.data import tokenizers
 
-LM_FEATURES = ('inputs', 'targets', 'weights', 'segment_ids', 'positions')
+# global_mask marks tokens a task makes global for global_local attention
+# (Longformer's task-chosen global tokens, e.g. a question); 0 for plain text.
+LM_FEATURES = ('inputs', 'targets', 'weights', 'segment_ids', 'positions', 'global_mask')
 
 
 def document_pieces(tokens: np.ndarray, seq_len: int, *, bos_id: int = tokenizers.BOS_ID,
@@ -86,6 +88,7 @@ def pad_piece(piece: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarra
     row[key][:length] = value
   row['segment_ids'] = (np.arange(seq_len) < length).astype(np.int32)
   row['positions'] = np.where(row['segment_ids'] > 0, np.arange(seq_len), 0).astype(np.int32)
+  row.setdefault('global_mask', np.zeros(seq_len, np.int32))
   return row
 
 
@@ -108,4 +111,5 @@ def _rename_packed(row):
       'weights': row['weights'].astype(np.float32),
       'segment_ids': row['inputs_segment_ids'].astype(np.int32),
       'positions': row['inputs_positions'].astype(np.int32),
+      'global_mask': np.zeros(row['inputs'].shape, np.int32),
   }

@@ -12,6 +12,10 @@ token, or the task raises).
 
 A row is built from a sequence S of seq_len + 1 tokens, S[0] = bos:
 inputs = S[:-1], targets = S[1:], segment_ids = 1, positions = 0..L-1.
+global_mask = 1 on the question (inputs from the last query mark '?' on): the
+task's global tokens, which `global_local` attention with
+model.attention.global_tokens = 'marked' lets attend the whole row, as
+Longformer makes question tokens global.
 
 passkey (needle in a haystack; Mohtashami & Jaggi 2023, "Landmark Attention")
   S = bos  filler[:d]  '|' k1..kD '|'  filler[d:]  '?' k1..kD
@@ -87,15 +91,24 @@ class Symbols:
     return int(self.ids(char)[0])
 
 
-def row_from_sequence(sequence: np.ndarray, answer_targets: np.ndarray) -> dict[str, np.ndarray]:
-  """An LM row from S (length L + 1) and a boolean mask over the L targets."""
+def row_from_sequence(sequence: np.ndarray, answer_targets: np.ndarray,
+                      global_from: Optional[int] = None) -> dict[str, np.ndarray]:
+  """An LM row from S (length L + 1) and a boolean mask over the L targets.
+
+  global_from: input positions from this one on are the task's global tokens
+  (the question), which global_local attention lets see the whole row.
+  """
   length = len(sequence) - 1
+  global_mask = np.zeros(length, np.int32)
+  if global_from is not None:
+    global_mask[global_from:] = 1
   return {
       'inputs': sequence[:-1].astype(np.int32),
       'targets': sequence[1:].astype(np.int32),
       'weights': answer_targets.astype(np.float32),
       'segment_ids': np.ones(length, np.int32),
       'positions': np.arange(length, dtype=np.int32),
+      'global_mask': global_mask,
   }
 
 
@@ -122,7 +135,9 @@ class SyntheticTask:
     rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], index])
     sequence, answer_targets = self.generate(rng)
     assert len(sequence) == self.seq_len + 1, (len(sequence), self.seq_len)
-    return row_from_sequence(sequence, answer_targets)
+    # The question starts at the last query mark of the inputs.
+    marks = np.flatnonzero(sequence[:-1] == self.symbols.id(QUERY_MARK))
+    return row_from_sequence(sequence, answer_targets, marks[-1] if len(marks) else None)
 
   def generate(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     raise NotImplementedError

@@ -91,18 +91,26 @@ class SelfAttention(_Projections):
     v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
     return q, k, v
 
-  def __call__(self, x, *, positions, segment_ids=None, bias_fn=None):
-    """x [b, l, emb] -> ([b, l, emb], aux) with aux holding the mean span if adaptive."""
+  def __call__(self, x, *, positions, segment_ids=None, global_mask=None, bias_fn=None):
+    """x [b, l, emb] -> ([b, l, emb], aux) with aux holding the mean span if adaptive.
+
+    global_mask [b, l]: the task's global tokens, for global_local layers with
+    model.attention.global_tokens = 'marked' (ignored otherwise).
+    """
     q, k, v = self.project(x, positions)
     settings = kernel_kwargs(self.config, self.kind)
     aux = {}
-    spans = None
+    extra = {}
     if self.kind == 'adaptive_span':
-      spans = self.spans()
-      aux['span'] = kernels.span_penalty(spans)
+      extra['spans'] = self.spans()
+      aux['span'] = kernels.span_penalty(extra['spans'])
+    if self.kind == 'global_local' and self.config.attention.global_tokens == 'marked':
+      if global_mask is None:
+        raise ValueError("model.attention.global_tokens = 'marked' needs the batch's "
+                         "global_mask (the synthetic tasks give one); use 'prefix' for text.")
+      extra['global_mask'] = global_mask.astype(bool)
 
-    def kernel(q, k, v, segment_ids, spans):
-      extra = {} if spans is None else {'spans': spans}
+    def kernel(q, k, v, segment_ids, extra):
       return kernels.get(self.kind)(q, k, v, causal=self.causal, segment_ids=segment_ids,
                                     bias_fn=bias_fn, **settings, **extra)
 
@@ -110,7 +118,7 @@ class SelfAttention(_Projections):
       # Keep only q, k, v (and the output) for the backward pass: the score
       # tiles, O(length x window) per head, are recomputed instead of stored.
       kernel = jax.checkpoint(kernel, policy=jax.checkpoint_policies.nothing_saveable)
-    out = kernel(q, k, v, segment_ids, spans)
+    out = kernel(q, k, v, segment_ids, extra)
     return self.output(out), aux
 
   # Decoding ---------------------------------------------------------------

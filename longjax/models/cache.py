@@ -125,6 +125,11 @@ def layer_spec(config, kind: str, max_length: int) -> LayerSpec:
   if kind == 'local':
     return LayerSpec(pinned=0, ring=ring(a.radius + 1), pool_sizes=(), pool_slots=(), **common)
   if kind == 'global_local':
+    if a.global_tokens != 'prefix':
+      raise ValueError("Decoding pins the first num_global positions (attention sinks); a "
+                       "model trained with model.attention.global_tokens = 'marked' would need "
+                       "every earlier key for each marked token. Evaluate it teacher-forced "
+                       "(--mode=eval) instead.")
     pinned = min(a.num_global, max_length)
     return LayerSpec(pinned=pinned, ring=ring(a.radius + 1), pool_sizes=(), pool_slots=(),
                      **common)

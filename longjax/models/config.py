@@ -28,6 +28,7 @@ class AttentionConfig:
   kind: str = 'full'
   radius: int = 128
   num_global: int = 16
+  global_tokens: str = 'prefix'
   block_size: int = 64
   max_span: int = 256
   span_ramp: float = 32.0
@@ -163,6 +164,8 @@ class ModelConfig:
     uses = lambda param: any(param in attention.spec(k).params for k in kinds)
     if uses('radius') and a.radius < 1:
       fail('attention.radius', f'must be >= 1; got {a.radius}.')
+    if a.global_tokens not in ('prefix', 'marked'):
+      fail('attention.global_tokens', f"must be 'prefix' or 'marked'; got {a.global_tokens!r}.")
     if uses('num_global') and a.num_global < 0:
       fail('attention.num_global', f'must be >= 0; got {a.num_global}.')
     if uses('block_size') and a.block_size < 1:

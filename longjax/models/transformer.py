@@ -85,10 +85,10 @@ class Block(nnx.Module):
                           dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
 
   def __call__(self, x, positions, segment_ids, dropout_key, memory=None,
-               memory_segment_ids=None, *, bias_fn=None):
+               memory_segment_ids=None, global_mask=None, *, bias_fn=None):
     rate = self.config.dropout_rate
     y, aux = self.attention(self.attention_norm(x), positions=positions,
-                            segment_ids=segment_ids, bias_fn=bias_fn)
+                            segment_ids=segment_ids, global_mask=global_mask, bias_fn=bias_fn)
     x = x + layers.dropout(y, rate, _layer_key(dropout_key, 0))
     if memory is not None:
       y = self.cross_attention(self.cross_norm(x), self.cross_attention.project_memory(memory),
@@ -141,13 +141,13 @@ class _Stack(nnx.Module):
     self.final_norm = _norm(config, rngs)
 
   def __call__(self, x, positions, segment_ids, dropout_key, memory=None,
-               memory_segment_ids=None):
+               memory_segment_ids=None, global_mask=None):
     bias_fn = self.relative_bias() if self.config.positions == 't5_bias' else None
     auxes = []
     for i, block in enumerate(self.blocks):
       x, aux = _call_block(self.config, block, x, positions, segment_ids,
                            _layer_key(dropout_key, i), memory, memory_segment_ids,
-                           bias_fn=bias_fn)
+                           global_mask, bias_fn=bias_fn)
       auxes.append(aux)
     return self.final_norm(x), auxes
 
@@ -224,19 +224,21 @@ class TransformerLM(nnx.Module):
     self.embedder = _Embedder(config, rngs)
     self.decoder = _Stack(config, config.layer_kinds(), causal=True, cross=False, rngs=rngs)
 
-  def __call__(self, inputs, *, segment_ids=None, positions=None,
+  def __call__(self, inputs, *, segment_ids=None, positions=None, global_mask=None,
                dropout_key: Optional[jax.Array] = None):
     """inputs [b, l] int -> (logits [b, l, vocab] fp32, aux).
 
     segment_ids [b, l]: packed documents attend only within themselves;
     positions [b, l]: position of each token in its document (default 0..l-1);
+    global_mask [b, l]: the task's global tokens (nonzero), used by global_local
+      layers when model.attention.global_tokens = 'marked';
     dropout_key: a PRNG key to train with dropout, None to evaluate.
     """
     check_length(self.config, inputs.shape[1])
     if positions is None:
       positions = _default_positions(inputs)
     x = self.embedder.embed(inputs, positions, _layer_key(dropout_key, 10_000))
-    x, auxes = self.decoder(x, positions, segment_ids, dropout_key)
+    x, auxes = self.decoder(x, positions, segment_ids, dropout_key, global_mask=global_mask)
     return self.embedder.logits(x), _collect_aux(auxes)
 
   # Decoding ---------------------------------------------------------------

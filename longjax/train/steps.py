@@ -68,7 +68,7 @@ def forward(graphdef: nnx.GraphDef, params, batch, *, seq2seq: bool, dropout_key
                  inputs_segment_ids=batch['inputs_segment_ids'],
                  decoder_segment_ids=batch['decoder_segment_ids'], dropout_key=dropout_key)
   return model(batch['inputs'], segment_ids=batch['segment_ids'], positions=batch['positions'],
-               dropout_key=dropout_key)
+               global_mask=batch.get('global_mask'), dropout_key=dropout_key)
 
 
 def token_losses(logits, targets, settings: StepSettings):

@@ -8,7 +8,6 @@ no code with longjax.attention.
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

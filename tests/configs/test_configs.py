@@ -2,7 +2,6 @@
 is consistent with its mesh; and one training step of each small config."""
 import importlib
 import json
-import os
 
 import jax
 import numpy as np

@@ -13,7 +13,7 @@ def test_default_pretraining_batches(make_config):
   config = make_config()  # longjax_pystdlib, byte tokens, packed.
   assert config.dataset.name == 'longjax_pystdlib' and not data.is_seq2seq(config)
   batch = next(data.build_train_iterator(config, TOKENIZER, process_index=0, process_count=1))
-  assert set(batch) == {'inputs', 'targets', 'weights', 'segment_ids', 'positions'}
+  assert set(batch) == {'inputs', 'targets', 'weights', 'segment_ids', 'positions', 'global_mask'}
   assert batch['inputs'].shape == (4, 64)
   assert batch['inputs'].max() < config.model.vocab_size == TOKENIZER.vocab_size
   eval_batch = next(iter(data.build_eval_iterator(config, TOKENIZER, seq_len=128, process_index=0,

@@ -67,7 +67,8 @@ def test_packing_keeps_every_piece_whole_and_separate():
     assert {k: (v.shape, v.dtype) for k, v in row.items()} == {
         'inputs': ((SEQ_LEN,), np.int32), 'targets': ((SEQ_LEN,), np.int32),
         'weights': ((SEQ_LEN,), np.float32), 'segment_ids': ((SEQ_LEN,), np.int32),
-        'positions': ((SEQ_LEN,), np.int32)}
+        'positions': ((SEQ_LEN,), np.int32), 'global_mask': ((SEQ_LEN,), np.int32)}
+    assert not row['global_mask'].any()  # plain text marks no global tokens
   assert sorted(rows_to_segments(rows)) == sorted(expected_segments(documents))
   # Packing is worth it: short documents share rows.
   assert len(rows) < len(expected_segments(documents)) * 0.8

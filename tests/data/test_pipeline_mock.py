@@ -7,7 +7,7 @@ import data_testing
 from longjax import data
 from longjax.data import tokenizers
 
-LM_KEYS = {'inputs', 'targets', 'weights', 'segment_ids', 'positions'}
+LM_KEYS = {'inputs', 'targets', 'weights', 'segment_ids', 'positions', 'global_mask'}
 SEQ2SEQ_KEYS = {'inputs', 'inputs_segment_ids', 'decoder_inputs', 'targets', 'weights',
                 'decoder_segment_ids'}
 

@@ -27,8 +27,12 @@ def answers(row):
 
 
 def assert_lm_row(row, seq_len):
-  for key in ('inputs', 'targets', 'segment_ids', 'positions'):
+  for key in ('inputs', 'targets', 'segment_ids', 'positions', 'global_mask'):
     assert row[key].shape == (seq_len,) and row[key].dtype == np.int32
+  # The question is the global part: from the last query mark of the inputs to the end.
+  question = np.flatnonzero(row['inputs'] == TOKENIZER.encode('?')[0])[-1]
+  np.testing.assert_array_equal(row['global_mask'], np.arange(seq_len) >= question)
+  assert (row['global_mask'][row['weights'] > 0] == 1).all()
   assert row['weights'].dtype == np.float32
   assert row['inputs'][0] == TOKENIZER.bos_id
   np.testing.assert_array_equal(row['targets'][:-1], row['inputs'][1:])

@@ -1,7 +1,6 @@
 """Cached decoding equals the model's own forward pass, for every attention kind,
 and the rolling caches stay the same size however long the generation."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

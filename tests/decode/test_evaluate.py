@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from rouge_score import rouge_scorer
 
 from configs import base as base_config
-from longjax import data, decode
+from longjax import decode
 from longjax.data import tokenizers
 from longjax.decode import evaluate
 from tests.decode import helpers

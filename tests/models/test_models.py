@@ -253,3 +253,25 @@ def test_layer_pattern_interleaves_kinds():
   assert [b.attention.kind for b in model.decoder.blocks] == list(config.layer_kinds())
   assert dataclasses.replace(config, attention=dataclasses.replace(
       config.attention, layer_pattern=())).layer_kinds() == ('full',) * 5
+
+
+def test_marked_global_tokens_see_the_whole_prefix():
+  """global_tokens='marked': the batch's global_mask picks the global tokens (a
+  question); they see every earlier token, unmarked ones only their window."""
+  config = tiny('global_local', num_layers=2,
+                attention=dict(radius=2, num_global=4, global_tokens='marked'))
+  model = build(config)
+  length = 32
+  marked = jnp.zeros((1, length), jnp.int32).at[:, 28:].set(1)
+  fn = jax.jit(lambda ids: model(ids, global_mask=marked)[0])
+  ids = tokens(18, (1, length))
+  base = fn(ids)
+  changed = fn(ids.at[:, 0].set(7 if int(ids[0, 0]) != 7 else 8))
+  far_unmarked = np.arange(length)[(np.arange(length) > 2 * 2) & (np.arange(length) < 28)]
+  np.testing.assert_array_equal(changed[:, far_unmarked], base[:, far_unmarked])
+  assert not np.allclose(changed[:, 28:], base[:, 28:])  # the question reaches token 0
+  for t in (5, 29):  # still causal
+    later = fn(ids.at[:, t:].set(tokens(19, (1, length - t))))
+    np.testing.assert_array_equal(later[:, :t], base[:, :t])
+  with pytest.raises(ValueError, match="global_tokens = 'marked' needs the batch's global_mask"):
+    model(ids)
