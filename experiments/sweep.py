@@ -3,6 +3,7 @@
     python -m experiments.sweep --config=configs/passkey.py \
         --lengths=32,64,128,256 --kinds=full,local,global_local --seeds=0,1 \
         --workdir=/tmp/passkey_sweep [--set num_train_steps=300 ...] [--print_only]
+        [--tokens_per_batch=8192]
 
 Each run gets its own workdir `<workdir>/<kind>/L<length>_s<seed>` and is an
 ordinary `python -m longjax.main` process, so a run can be resumed, inspected
@@ -32,6 +33,9 @@ flags.DEFINE_string('workdir', None, 'Root directory of the sweep.')
 flags.DEFINE_multi_string('set', [], 'Extra overrides for every run, as field=value.')
 flags.DEFINE_string('size', '', 'Config size word passed with the kind (e.g. tiny).')
 flags.DEFINE_bool('print_only', False, 'Print the commands instead of running them.')
+flags.DEFINE_integer('tokens_per_batch', 0,
+                     'If set, batch_size = tokens_per_batch // length for each run, so every '
+                     'length trains on the same tokens per step (0: the config\'s batch_size).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +45,24 @@ class Run:
   seed: int
   workdir: str
 
-  def command(self, config: str, size: str = '', overrides: Sequence[str] = ()) -> list[str]:
+  def command(self, config: str, size: str = '', overrides: Sequence[str] = (),
+              tokens_per_batch: int = 0) -> list[str]:
     arg = ','.join(filter(None, [self.kind, size]))
     cmd = [sys.executable, '-m', 'longjax.main', f'--config={config}:{arg}',
            f'--workdir={self.workdir}', f'--config.seq_len={self.length}',
            f'--config.seed={self.seed}']
+    if tokens_per_batch:
+      cmd.append(f'--config.batch_size={batch_for(tokens_per_batch, self.length)}')
     return cmd + [f'--config.{o}' for o in overrides]
+
+
+def batch_for(tokens_per_batch: int, length: int) -> int:
+  """The global batch that holds `tokens_per_batch` tokens of `length` each."""
+  if tokens_per_batch % length:
+    raise ValueError(f'--tokens_per_batch={tokens_per_batch} is not a multiple of length '
+                     f'{length}: choose lengths that divide it, so every run sees the same '
+                     'tokens per step.')
+  return tokens_per_batch // length
 
 
 def plan(workdir: str, kinds: Iterable[str], lengths: Iterable[int],
@@ -71,12 +87,15 @@ def is_finished(run_workdir: str) -> bool:
 def main(argv):
   del argv
   runs = plan(FLAGS.workdir, FLAGS.kinds, FLAGS.lengths, FLAGS.seeds)
+  if FLAGS.tokens_per_batch:
+    for run in runs:  # Fail before launching anything.
+      batch_for(FLAGS.tokens_per_batch, run.length)
   # The model must accept the longest length of the sweep.
   overrides = list(FLAGS.set)
   if not any(o.startswith('model.max_len=') for o in overrides):
     overrides.append(f'model.max_len={max(max(r.length for r in runs), 2048)}')
   for i, run in enumerate(runs):
-    cmd = run.command(FLAGS.config, FLAGS.size, overrides)
+    cmd = run.command(FLAGS.config, FLAGS.size, overrides, FLAGS.tokens_per_batch)
     if FLAGS.print_only:
       print(shlex.join(cmd))
       continue

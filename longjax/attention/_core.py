@@ -142,13 +142,17 @@ def bias_tile(bias_fn: BiasFn, rel, kv_heads: int):
 def _softmax_stats(scores, mask, weight=None):
   """Masked, shifted exponentials: (row max, probabilities, row sums).
 
-  Masked scores are set to MASK_VALUE; a row with no visible key has max
-  MASK_VALUE, which is replaced by 0 so that its exponentials underflow to 0.
+  Masked scores are set to MASK_VALUE. A row with no visible key is shifted
+  by 0 instead, so that its exponentials underflow to 0, but reports its max
+  as MASK_VALUE: `merge` must not let an empty part's placeholder outrank the
+  real maxima of the others. (A placeholder of 0 above real scores of, say,
+  -60 made every correction exp(-60) and the merged row sum ~1e-26, whose
+  square underflows in the backward pass: NaN gradients.)
   """
   scores = jnp.where(mask, scores, MASK_VALUE)
   row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-  row_max = jnp.where(row_max > MASK_VALUE / 2, row_max, 0.0)
-  probs = jnp.exp(scores - row_max)
+  shift = jnp.where(row_max > MASK_VALUE / 2, row_max, 0.0)
+  probs = jnp.exp(scores - shift)
   if weight is not None:
     probs = probs * weight
   return row_max[..., 0], probs, jnp.sum(probs, axis=-1)

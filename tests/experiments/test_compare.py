@@ -77,3 +77,13 @@ def test_sweep_plans_one_workdir_per_combination_and_skips_finished(tmp_path):
     json.dump(config, f)
   assert not sweep.is_finished(unfinished)
   assert not sweep.is_finished(str(tmp_path / 'missing'))
+
+
+def test_sweep_tokens_per_batch_keeps_tokens_per_step_constant():
+  runs = sweep.plan('/tmp/sweep', ['local'], [128, 512, 2048], [0])
+  batches = [int(next(a for a in run.command('configs/pretrain.py', tokens_per_batch=4096)
+                      if a.startswith('--config.batch_size=')).split('=')[1]) for run in runs]
+  assert batches == [32, 8, 2]
+  assert not any('batch_size' in a for a in runs[0].command('configs/pretrain.py'))
+  with pytest.raises(ValueError, match='tokens_per_batch=1000'):
+    sweep.batch_for(1000, 128)
