@@ -13,7 +13,7 @@ On this 2-core CPU (about a minute at the default length):
 
 Sweep lengths and kinds (experiments/README.md):
 
-    python -m experiments.sweep --config=configs/passkey.py --lengths=32,64,128,256 \
+    python -m experiments.sweep --config=configs/passkey.py --lengths=32,64,128 \
         --kinds=full,local,global_local,hierarchical,adaptive_span --workdir=/tmp/passkey_sweep
 
 Real scale (16k tokens, a GPU node or a TPU slice):

@@ -173,11 +173,17 @@ def plot_loss_curves(runs: Sequence[RunRecord], path: str) -> bool:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(7, 4.5))
   drawn = False
+  # One colour per kind, one line style per length: a sweep's curves stay readable.
+  kinds = sorted({r.kind for r in runs})
+  lengths = sorted({r.length for r in runs})
+  styles = ['-', '--', ':', '-.']
   for run in sorted(runs, key=lambda r: (r.kind, r.length, r.seed)):
     train = [(m['step'], m['loss']) for m in run.records('train') if 'loss' in m]
     if train:
       steps, losses = zip(*train)
-      ax.plot(steps, losses, label=f'{run.kind} L={run.length} s={run.seed}', alpha=0.8)
+      ax.plot(steps, losses, label=f'{run.kind} L={run.length} s={run.seed}', alpha=0.85,
+              color=f'C{kinds.index(run.kind) % 10}',
+              linestyle=styles[lengths.index(run.length) % len(styles)])
       drawn = True
   if not drawn:
     plt.close(fig)
