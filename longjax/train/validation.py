@@ -13,6 +13,7 @@ from typing import Mapping
 
 from longjax import models
 from longjax.data import pipeline
+from longjax.data import sources
 from longjax.train import optimizer
 
 
@@ -96,6 +97,18 @@ def validate_config(config, *, mesh_shape: Mapping[str, int],
     pipeline.check_task_kind(config)
   except ValueError as error:
     errors.append(str(error))
+
+  # Marked global tokens come from the data: only the synthetic tasks mark any
+  # (their question). Text batches carry an all-zero global_mask, which would
+  # silently turn global_local into local attention.
+  if (model_config is not None and model_config.attention.global_tokens == 'marked'
+      and 'global_local' in model_config.layer_kinds()
+      and not sources.is_synthetic(config.dataset.name)):
+    errors.append(
+        f"config.model.attention.global_tokens = 'marked': dataset "
+        f"{config.dataset.name!r} marks no global tokens (only the synthetic tasks mark "
+        f"their question), so global_local would attend like local; use 'prefix' (positions "
+        f"0..num_global-1).")
 
   if errors:
     raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))

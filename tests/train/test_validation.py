@@ -30,6 +30,9 @@ def test_unknown_config_field_on_the_command_line(tmp_path):
     (dict(lr_schedule='linear'), ['config.lr_schedule', 'cosine']),
     (dict(learning_rate=float('nan')), ['config.learning_rate']),
     (dict(log_every_steps=0), ['config.log_every_steps']),
+    (dict(model__attention__kind='global_local', model__attention__global_tokens='marked',
+          dataset__name='longjax_pystdlib'),
+     ["config.model.attention.global_tokens = 'marked'", "'longjax_pystdlib'", "'prefix'"]),
 ])
 def test_bad_config_fails_fast_naming_the_field(overrides, fields, tmp_path):
   with pytest.raises(ValueError) as error:
@@ -76,3 +79,11 @@ def test_a_good_config_passes():
   model_config = validation.validate_config(train_testing.tiny_config(batch_size=16),
                                             mesh_shape=dict(MESH_1, data=2, fsdp=4))
   assert model_config.emb_dim == 32
+
+
+def test_marked_global_tokens_pass_on_a_task_that_marks_them():
+  config = train_testing.tiny_config(model__attention__kind='global_local',
+                                     model__attention__global_tokens='marked')
+  assert config.dataset.name == 'passkey'
+  model_config = validation.validate_config(config, mesh_shape=MESH_1)
+  assert model_config.attention.global_tokens == 'marked'
