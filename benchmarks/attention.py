@@ -86,6 +86,7 @@ def main():
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--timeout', type=float, default=300)
   parser.add_argument('--mem-cap-gb', type=float, default=20)
+  harness.add_hugepages_flag(parser)
   parser.add_argument('--out', default='')
   # Internal: run a single point in this process.
   parser.add_argument('--point', action='store_true', help=argparse.SUPPRESS)
@@ -108,6 +109,7 @@ def main():
   results = harness.sweep(os.path.abspath(__file__), series,
                           [int(x) for x in args.lengths.split(',')], passthrough,
                           timeout=args.timeout, mem_cap_gb=args.mem_cap_gb,
+                          hugepages=args.hugepages == 'on',
                           show=('median_s', 'tokens_per_s', 'peak_rss_gb', 'xla_temp_bytes'))
   harness.save(args.out, results)
   print(report(results))

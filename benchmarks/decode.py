@@ -103,6 +103,7 @@ def main():
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--timeout', type=float, default=600)
   parser.add_argument('--mem-cap-gb', type=float, default=16)
+  harness.add_hugepages_flag(parser)
   parser.add_argument('--out', default='')
   # Internal: run a single point in this process.
   parser.add_argument('--point', action='store_true', help=argparse.SUPPRESS)
@@ -123,6 +124,7 @@ def main():
   results = harness.sweep(os.path.abspath(__file__), series,
                           [int(x) for x in args.lengths.split(',')], passthrough,
                           timeout=args.timeout, mem_cap_gb=args.mem_cap_gb,
+                          hugepages=args.hugepages == 'on',
                           show=('median_s', 'tokens_per_s', 'prompt_tokens_per_s', 'cache_bytes',
                                 'peak_rss_gb'))
   harness.save(args.out, results)

@@ -9,6 +9,8 @@ into the next. The parent records:
     when the point is killed);
   * TIMEOUT / OOM / ERROR when the point fails, after which longer lengths of
     the same series are skipped.
+Points run with glibc's huge-page tunable, as `longjax.main` does
+(longjax/hostmem.py), unless --hugepages=off.
 """
 from __future__ import annotations
 
@@ -68,11 +70,20 @@ def time_steps(fn: Callable, *args, steps: int = 5, min_seconds: float = 0.0) ->
               compile_s=compile_s, xla_temp_bytes=temp_bytes, xla_flops=flops)
 
 
+def add_hugepages_flag(parser) -> None:
+  parser.add_argument('--hugepages', choices=['on', 'off'], default='on',
+                      help="run points with glibc.malloc.hugetlb=1, as longjax.main does "
+                           "(off: the environment as launched)")
+
+
 def run_point(argv: list[str], *, timeout: float, mem_cap_gb: Optional[float] = None,
-              env: Optional[dict] = None) -> dict:
+              env: Optional[dict] = None, hugepages: bool = True) -> dict:
   """Runs `python argv...` in a fresh process; it must print one JSON line last."""
+  from longjax import hostmem
   with tempfile.TemporaryFile('w+') as out:
     child_env = dict(os.environ, **(env or {}))
+    if hugepages:
+      child_env = hostmem.environ_with_hugepages(child_env) or child_env
     proc = subprocess.Popen([sys.executable] + argv, stdout=out, stderr=subprocess.STDOUT,
                             env=child_env)
     start = time.time()
@@ -126,7 +137,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def sweep(script: str, series: list[dict], lengths: list[int], passthrough: list[str], *,
-          timeout: float, mem_cap_gb: Optional[float], show: tuple[str, ...]) -> list[dict]:
+          timeout: float, mem_cap_gb: Optional[float], show: tuple[str, ...],
+          hugepages: bool = True) -> list[dict]:
   """Runs `script --point --<key>=<value>... --length=L` for every series and length.
 
   A series is a dict of point flags (e.g. {'kind': 'local', 'mode': 'fwd'});
@@ -142,7 +154,7 @@ def sweep(script: str, series: list[dict], lengths: list[int], passthrough: list
       else:
         argv = [script, '--point'] + [f'--{k}={v}' for k, v in flags.items()]
         row = run_point(argv + [f'--length={length}'] + passthrough, timeout=timeout,
-                        mem_cap_gb=mem_cap_gb)
+                        mem_cap_gb=mem_cap_gb, hugepages=hugepages)
         failed = row['status'] != 'ok'
       row.update(flags, length=length)
       results.append(row)

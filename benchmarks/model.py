@@ -137,6 +137,7 @@ def main():
   parser.add_argument('--min-seconds', type=float, default=2.0)
   parser.add_argument('--timeout', type=float, default=600)
   parser.add_argument('--mem-cap-gb', type=float, default=20)
+  harness.add_hugepages_flag(parser)
   parser.add_argument('--out', default='')
   parser.add_argument('--point', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--point-kind', choices=['step', 'peak'], help=argparse.SUPPRESS)
@@ -155,14 +156,14 @@ def main():
   peaks = {}
   for dtype in args.dtypes.split(','):
     peak = harness.run_point([me, '--point', '--point-kind=peak', f'--dtype={dtype}'],
-                             timeout=120)
+                             timeout=120, hugepages=args.hugepages == 'on')
     peaks[dtype] = peak.get('peak_flops_per_s')
     print(f'# matmul peak {dtype}: {peaks[dtype] / 1e9:.1f} GFLOP/s', flush=True)
   series = [dict(dtype=dtype, kind=kind) for dtype in args.dtypes.split(',')
             for kind in args.kinds.split(',')]
   results = harness.sweep(me, series, [int(x) for x in args.lengths.split(',')],
                           ['--point-kind=step'] + shape, timeout=args.timeout,
-                          mem_cap_gb=args.mem_cap_gb,
+                          mem_cap_gb=args.mem_cap_gb, hugepages=args.hugepages == 'on',
                           show=('median_s', 'tokens_per_s', 'model_flops_per_s', 'peak_rss_gb',
                                 'xla_temp_bytes'))
   for row in results:

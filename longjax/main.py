@@ -1,7 +1,9 @@
 """Command line: python -m longjax.main --config=configs/base.py --workdir=DIR [--mode=eval|decode].
 
 Any config field can be overridden as --config.x.y=value; the config is
-locked, so a misspelled field is an error. Launch commands for a laptop, a GPU
+locked, so a misspelled field is an error. On Linux the process restarts
+itself once with transparent huge pages for large host allocations
+(longjax/hostmem.py; LONGJAX_HUGEPAGES=0 opts out). Launch commands for a laptop, a GPU
 node and a Cloud TPU pod slice are in `longjax/train/trainer.py`.
 """
 import importlib.util
@@ -9,6 +11,14 @@ import logging as pylogging
 import os
 import sys
 
+from longjax import hostmem
+
+if __name__ == '__main__':
+  # Before JAX is imported (and its allocator used): restart once with glibc's
+  # huge-page tunable; see longjax/hostmem.py. LONGJAX_HUGEPAGES=0 opts out.
+  hostmem.reexec_with_hugepages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -71,6 +81,8 @@ def main(argv):
                                process_id=_PROCESS_ID.value)
   logging.info('JAX process %d of %d, %d local devices (%s).', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.devices()[0].platform)
+  logging.info('Large host allocations on transparent huge pages: %s.',
+               'yes' if hostmem.TUNABLE in os.environ.get('GLIBC_TUNABLES', '') else 'no')
   MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
 
 

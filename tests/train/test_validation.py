@@ -2,6 +2,7 @@
 import pytest
 
 import train_testing
+from longjax import hostmem
 from longjax.train import trainer
 from longjax.train import validation
 
@@ -16,6 +17,17 @@ def test_unknown_config_field_on_the_command_line(tmp_path):
   assert '--config.seq_lenn' in result.stderr and 'Did you mean "seq_len"' in result.stderr
   assert 'Traceback' not in result.stderr
   assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_bad_mesh_on_the_command_line_fails_before_compiling(tmp_path):
+  result = train_testing.run_main(tmp_path, env=train_testing.subprocess_env(), check=False,
+                                  mesh__data=2)
+  assert result.returncode != 0
+  assert 'config.mesh' in result.stderr and '2 devices but there are 1' in result.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+  # main restarted itself with glibc's huge-page tunable (longjax/hostmem.py) first.
+  expected = 'yes' if hostmem.environ_with_hugepages({}) is not None else 'no'
+  assert f'Large host allocations on transparent huge pages: {expected}.' in result.stderr
 
 
 @pytest.mark.parametrize('overrides, fields', [
