@@ -82,7 +82,7 @@ def main(argv):
   logging.info('JAX process %d of %d, %d local devices (%s).', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.devices()[0].platform)
   logging.info('Large host allocations on transparent huge pages: %s.',
-               'yes' if hostmem.TUNABLE in os.environ.get('GLIBC_TUNABLES', '') else 'no')
+               'yes' if hostmem.is_on(os.environ) else 'no')
   MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
 
 

@@ -20,6 +20,9 @@ def test_environ_gains_the_tunable_once():
     assert hostmem.environ_with_hugepages(env) is None
   # A value the user chose, and the opt-out, are respected.
   assert hostmem.environ_with_hugepages({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}) is None
+  assert not hostmem.is_on({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'})
+  assert hostmem.is_on({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=2'})
+  assert not hostmem.is_on({})
   assert hostmem.environ_with_hugepages({'LONGJAX_HUGEPAGES': '0'}) is None
 
 
