@@ -45,6 +45,9 @@ EXTRAS = {
     "cuda": ["jax[cuda12]==0.10.2"],
     # TPU runtime; install with `pip install -e .[tpu]`.
     "tpu": ["jax[tpu]==0.10.2"],
+    # The viewer for the event files every run writes (tensorboardX writes them; reading
+    # needs no TensorFlow either); install with `pip install -e .[tensorboard]`.
+    "tensorboard": ["tensorboard==2.21.0"],
 }
 
 setup(

@@ -38,11 +38,11 @@ def kernel(kind: str, args):
   kwargs = dict(
       local=dict(radius=args.radius),
       global_local=dict(radius=args.radius, num_global=args.num_global),
-      transient_global=dict(radius=args.radius, block_size=args.summary_block),
-      hierarchical=dict(block_size=args.hierarchy_block),
-      adaptive_span=dict(max_span=args.radius, ramp=32.0,
+      transient_global=dict(radius=args.radius, summary_block=args.summary_block),
+      hierarchical=dict(level0_block=args.hierarchy_block),
+      adaptive_span=dict(max_span=args.radius, span_ramp=32.0,
                          spans=jnp.full((args.heads,), args.radius / 2)),
-      chunked=dict(block_size=args.radius),
+      chunked=dict(chunk_size=args.radius),
   )[kind]
   return lambda q, k, v: fn(q, k, v, causal=causal, **kwargs)
 

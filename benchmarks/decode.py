@@ -31,7 +31,7 @@ KINDS = ('full', 'local')
 def model_config(args, kind: str, max_len: int):
   from longjax import models
   return models.ModelConfig.from_config(dict(
-      kind='lm', num_layers=args.layers, emb_dim=args.heads * args.head_dim,
+      arch='lm', num_layers=args.layers, emb_dim=args.heads * args.head_dim,
       num_heads=args.heads, mlp_dim=4 * args.heads * args.head_dim, vocab_size=259,
       max_len=max_len, dtype=args.dtype, param_dtype='float32',
       attention=dict(kind=kind, radius=args.radius)))
@@ -65,12 +65,12 @@ def run_one(args):
     result['cache_bytes'] = kv_cache.nbytes(jax.eval_shape(prefill, params, prompt)[1])
     result['prompt_tokens_per_s'] = args.batch * args.length / result['median_s']
   else:
-    shape = (args.batch, args.length, config.kv_heads, config.dim_per_head)
+    shape = (args.batch, args.length, config.num_kv_heads, config.head_dim)
     keys = jax.random.split(jax.random.key(1), 2 * config.num_layers)
-    caches = [kv_cache.from_prompt(block.attention.cache_spec(max_length),
-                                   jax.random.normal(keys[2 * i], shape, config.compute_dtype),
+    caches = [kv_cache.from_prompt(block.attention.cache_layout(max_length),
+                                   jax.random.normal(keys[2 * i], shape, config.dtype),
                                    jax.random.normal(keys[2 * i + 1], shape,
-                                                     config.compute_dtype), lengths)
+                                                     config.dtype), lengths)
               for i, block in enumerate(model.decoder.blocks)]
     first_logits = jnp.zeros((args.batch, config.vocab_size), jnp.float32)
 

@@ -34,16 +34,16 @@ KINDS = ('full', 'local', 'global_local', 'transient_global', 'hierarchical', 'a
 # Kind settings: radius 128 like the attention benchmark; LongT5's summary
 # block of 16; a hierarchy block of 64.
 SETTINGS = dict(radius=128, num_global=16, max_span=128, span_ramp=32.0)
-BLOCK_SIZE = dict(transient_global=16, hierarchical=64, chunked=128)
+BLOCKS = dict(summary_block=16, level0_block=64, chunk_size=128)
 
 
 def model_config(kind, length, dtype, args):
   from longjax import models
   return models.ModelConfig.from_config(dict(
-      kind='lm', num_layers=args.layers, emb_dim=args.hidden, num_heads=args.heads,
+      arch='lm', num_layers=args.layers, emb_dim=args.hidden, num_heads=args.heads,
       mlp_dim=args.mlp, vocab_size=args.vocab, max_len=max(length, 2048), dtype=dtype,
       param_dtype='float32', remat=args.remat,
-      attention=dict(kind=kind, block_size=BLOCK_SIZE.get(kind, 64), **SETTINGS)))
+      attention=dict(kind=kind, **BLOCKS, **SETTINGS)))
 
 
 def keys_per_query(kind: str, length: int) -> float:
@@ -60,12 +60,12 @@ def keys_per_query(kind: str, length: int) -> float:
   if kind == 'global_local':
     return float(np.mean(window + np.minimum(np.maximum(i - r, 0), g)))
   if kind == 'transient_global':
-    return float(np.mean(window + (i + 1) // BLOCK_SIZE[kind]))
+    return float(np.mean(window + (i + 1) // BLOCKS['summary_block']))
   if kind == 'chunked':
-    return float(np.mean(i % BLOCK_SIZE[kind] + 1))
+    return float(np.mean(i % BLOCKS['chunk_size'] + 1))
   if kind == 'hierarchical':
     from longjax.attention.hierarchical import num_levels
-    b = BLOCK_SIZE[kind]
+    b = BLOCKS['level0_block']
     total = (i % b) + 1 + np.where(i >= b, b, 0)  # level 0: own block so far + previous
     for level in range(1, num_levels(length, b) + 1):
       w = b * 2 ** level
@@ -77,7 +77,7 @@ def keys_per_query(kind: str, length: int) -> float:
 
 
 def model_flops_per_step(config, length: int, batch: int) -> float:
-  e, h, hk, d, m, v = (config.emb_dim, config.num_heads, config.kv_heads, config.dim_per_head,
+  e, h, hk, d, m, v = (config.emb_dim, config.num_heads, config.num_kv_heads, config.head_dim,
                        config.mlp_dim, config.vocab_size)
   weights = config.num_layers * (e * h * d * 2 + e * hk * d * 2 + 3 * e * m) + e * v
   attention = config.num_layers * 12 * h * d * keys_per_query(config.attention.kind, length)

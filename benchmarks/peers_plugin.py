@@ -24,10 +24,9 @@ def _builder(kind: str, causal: bool, **attention):
     import jax.numpy as jnp
     from flax import nnx
     from longjax import models
-    from longjax.models import transformer
 
     config = models.ModelConfig.from_config(dict(
-        kind='lm', num_layers=cfg['layers'], emb_dim=cfg['hidden'], num_heads=cfg['heads'],
+        arch='lm', num_layers=cfg['layers'], emb_dim=cfg['hidden'], num_heads=cfg['heads'],
         mlp_dim=cfg['mlp'], vocab_size=cfg['vocab_size'], max_len=max(cfg['seq_len'], 1024),
         dtype=cfg['dtype_name'], param_dtype='float32', positions='rope',
         remat=cfg.get('longjax_remat', 'none'),
@@ -39,9 +38,9 @@ def _builder(kind: str, causal: bool, **attention):
       """Embedding + blocks + final norm: what the peers' encoders compute."""
 
       def __init__(self, rngs):
-        self.embedder = transformer._Embedder(config, rngs)  # pylint: disable=protected-access
-        self.stack = transformer._Stack(config, config.layer_kinds(), causal=causal,  # pylint: disable=protected-access
-                                        cross=False, rngs=rngs)
+        self.embedder = models.Embedder(config, rngs)
+        self.stack = models.Stack(config, config.layer_kinds(), causal=causal, cross=False,
+                                  rngs=rngs)
 
       def __call__(self, ids):
         positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
@@ -63,7 +62,7 @@ def _builder(kind: str, causal: bool, **attention):
 
 peers.register_model('longjax-local')(_builder('local', False, radius=127))
 peers.register_model('longjax-tglobal')(_builder('transient_global', False, radius=127,
-                                                 block_size=16))
+                                                 summary_block=16))
 peers.register_model('longjax-local-causal')(_builder('local', True, radius=127))
 peers.register_model('longjax-full')(_builder('full', False))
-peers.register_model('longjax-hierarchical')(_builder('hierarchical', False, block_size=64))
+peers.register_model('longjax-hierarchical')(_builder('hierarchical', False, level0_block=64))

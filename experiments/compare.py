@@ -4,11 +4,14 @@
 
 reads every run workdir under the given paths (a directory holding
 `metrics.jsonl` and `config.json`), and writes:
-  * `runs.csv`: one row per run — kind, length, seed, the final eval metrics
-    (accuracy, perplexity, bits per byte, loss), training tokens/s (median
-    over the logged steps) and peak memory;
-  * `<metric>_vs_length.png` for each eval metric present, one line per kind
-    (mean over seeds, the spread as error bars);
+  * `runs.csv`: one row per run and eval length (columns: 'runs.csv columns' in --help).
+    A run's row for its own training length holds its latest eval at that
+    length, its latest decode scores and its training speed and memory; an
+    eval at another length (`--mode=eval --config.eval_seq_len=N`) is a row
+    of its own with `eval_seq_len` N, never merged into the training row;
+  * `<metric>_vs_length.png` for each eval and decode metric present, one line
+    per attention (mean over seeds, the spread as error bars), at each run's
+    own training length;
   * `tokens_per_sec_vs_length.png`, `memory_vs_length.png`, `loss_curves.png`.
 
 From a notebook:
@@ -28,9 +31,52 @@ import statistics
 import sys
 from typing import Optional, Sequence
 
-EVAL_METRICS = ('accuracy', 'perplexity', 'bits_per_byte', 'loss', 'exact_match', 'rouge1',
-                'rougeL', 'bleu')
-MEMORY_FIELDS = ('peak_memory_bytes', 'compiled_memory_bytes', 'peak_rss_bytes')
+# The plotting functions, where notebooks look for them.
+# pylint: disable-next=unused-import
+from experiments.plots import (format_length_axis, length_label, memory_plot, own_length,
+                               plot_loss_curves, plot_vs_length)
+
+COLUMNS_DOC = """\
+  kind            the run's attention: model.attention.layer_pattern joined by
+                  commas when set (e.g. local,local,full), else model.attention.kind
+  length          training length (config.json seq_len)
+  eval_seq_len    the length the eval on this row measured (= length for the run's own eval)
+  seed, dataset   config.json seed and dataset.name
+  step            step of the eval record on this row
+  accuracy, exact_match, perplexity, bits_per_byte, loss, ...
+                  every metric of that eval record (teacher-forced; exact_match
+                  here is every answer token right under teacher forcing)
+  mean_span       adaptive span's mean learned span (eval record, else last train record)
+  decode_step, decode_rouge1, decode_rouge2, decode_rougeL, decode_bleu,
+  decode_exact_match, ...
+                  the latest --mode=decode scores (generated text), if any
+  tokens_per_sec  median training tokens/s over the logged steps after the first
+  compiled_memory_bytes  XLA's memory plan of the train step, bytes per device
+  peak_memory_bytes      measured peak: device peak on GPU/TPU, on CPU the
+                  process's peak RSS (includes compilation)
+  workdir         the run's directory
+Training columns (tokens_per_sec, memory, mean_span from training) are filled
+only on the row at the run's own length."""
+
+# Always columns (the notebooks read them), in this order; any other metric an
+# eval record carries follows them.
+EVAL_METRICS = ('accuracy', 'exact_match', 'perplexity', 'bits_per_byte', 'loss')
+DECODE_METRICS = ('rouge1', 'rouge2', 'rougeL', 'bleu', 'exact_match')
+# What a record says about itself, not something it measured.
+RECORD_KEYS = ('step', 'split', 'seq_len')
+TRAIN_COLUMNS = ('tokens_per_sec', 'compiled_memory_bytes', 'peak_memory_bytes')
+DECODE_PREFIX = 'decode_'
+
+
+def attention_label(config: dict) -> str:
+  """The attention a run used: its layer pattern when set, else its kind."""
+  attention = config.get('model', {}).get('attention', {})
+  pattern = attention.get('layer_pattern') or ()
+  if isinstance(pattern, str):
+    pattern = [pattern]
+  # A pattern may be recorded as a list of kinds or as one 'a,b,c' string.
+  kinds = [k.strip() for item in pattern for k in str(item).split(',') if k.strip()]
+  return ','.join(kinds) if kinds else str(attention.get('kind', ''))
 
 
 @dataclasses.dataclass
@@ -41,7 +87,7 @@ class RunRecord:
 
   @property
   def kind(self) -> str:
-    return self.config['model']['attention']['kind']
+    return attention_label(self.config)
 
   @property
   def length(self) -> int:
@@ -54,6 +100,26 @@ class RunRecord:
   def records(self, split: str) -> list[dict]:
     return [m for m in self.metrics if m.get('split') == split]
 
+  def measured_length(self, record: dict) -> int:
+    """The eval length of a record; records written before `seq_len` was logged:
+    the training length."""
+    return int(record.get('seq_len') or self.length)
+
+  def latest(self, split: str, length: Optional[int] = None) -> dict:
+    """The `split` record at `length` (default: the training length) with the
+    highest step; of records at the same step, the one written last."""
+    length = self.length if length is None else length
+    found = [(m.get('step', -1), i, m) for i, m in enumerate(self.records(split))
+             if self.measured_length(m) == length]
+    return max(found, key=lambda t: t[:2])[2] if found else {}
+
+  def measured_lengths(self) -> list[int]:
+    """The training length and every length an eval or decode record measured."""
+    lengths = {self.length}
+    lengths.update(self.measured_length(m) for m in self.metrics
+                   if m.get('split') in ('eval', 'decode'))
+    return sorted(lengths)
+
 
 def find_run_dirs(paths: Sequence[str]) -> list[str]:
   found = []
@@ -64,139 +130,102 @@ def find_run_dirs(paths: Sequence[str]) -> list[str]:
   return sorted(set(found))
 
 
+def load_run(workdir: str) -> RunRecord:
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    metrics = [json.loads(line) for line in f if line.strip()]
+  return RunRecord(workdir, config, metrics)
+
+
 def load_runs(paths: Sequence[str]) -> list[RunRecord]:
-  runs = []
-  for workdir in find_run_dirs(paths):
-    with open(os.path.join(workdir, 'config.json')) as f:
-      config = json.load(f)
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      metrics = [json.loads(line) for line in f if line.strip()]
-    runs.append(RunRecord(workdir, config, metrics))
-  return runs
+  return [load_run(workdir) for workdir in find_run_dirs(paths)]
 
 
-def _final_eval(run: RunRecord) -> dict:
-  evals = run.records('eval')
-  if not evals:
-    return {}
-  last_step = max(m['step'] for m in evals)
-  merged = {}
-  for m in evals:  # several eval records may share the last step (e.g. decode scores)
-    if m['step'] == last_step:
-      merged.update(m)
-  for m in run.records('decode'):
-    if m['step'] == last_step:
-      merged.update({k: v for k, v in m.items() if k not in ('step', 'split')})
-  return merged
+def _measured(record: dict) -> dict:
+  return {k: v for k, v in record.items() if k not in RECORD_KEYS}
 
 
-def _peak_memory(run: RunRecord) -> Optional[float]:
-  for field in MEMORY_FIELDS:
+def _largest(run: RunRecord, *fields: str) -> Optional[float]:
+  """The largest value any record gives for the first of `fields` that one has."""
+  for field in fields:
     values = [m[field] for m in run.metrics if m.get(field) is not None]
     if values:
       return float(max(values))
   return None
 
 
+def _train_columns(run: RunRecord) -> dict:
+  train = run.records('train')
+  speeds = [m['tokens_per_sec'] for m in train if m.get('tokens_per_sec')]
+  spans = [m['mean_span'] for m in train if m.get('mean_span') is not None]
+  return dict(
+      # The first logged interval includes compilation.
+      tokens_per_sec=statistics.median(speeds[1:] or speeds) if speeds else None,
+      compiled_memory_bytes=_largest(run, 'compiled_memory_bytes'),
+      # peak_rss_bytes: the same measurement, as older runs named it.
+      peak_memory_bytes=_largest(run, 'peak_memory_bytes', 'peak_rss_bytes'),
+      mean_span=spans[-1] if spans else None)
+
+
+def _row(run: RunRecord, length: int) -> dict:
+  evaluation = run.latest('eval', length)
+  decoded = run.latest('decode', length)
+  row = dict(kind=run.kind, length=run.length, eval_seq_len=length, seed=run.seed,
+             dataset=run.config.get('dataset', {}).get('name', ''),
+             step=evaluation.get('step'))
+  row.update(_measured(evaluation))
+  if decoded:
+    row[DECODE_PREFIX + 'step'] = decoded.get('step')
+    # decode_seconds stays decode_seconds, rouge1 becomes decode_rouge1.
+    row.update({k if k.startswith(DECODE_PREFIX) else DECODE_PREFIX + k: v
+                for k, v in _measured(decoded).items()})
+  if length == run.length:
+    train = _train_columns(run)
+    # mean_span is a property of the weights: the eval record's, when it has one.
+    train['mean_span'] = row.get('mean_span', train['mean_span'])
+    row.update(train)
+  row['workdir'] = run.workdir
+  return row
+
+
+def columns(rows: Sequence[dict]) -> list[str]:
+  """CSV columns: identity, eval metrics, decode scores, training, workdir."""
+  present = dict.fromkeys(key for row in rows for key in row)
+  head = ['kind', 'length', 'eval_seq_len', 'seed', 'dataset', 'step', *EVAL_METRICS]
+  tail = [*TRAIN_COLUMNS, 'workdir']
+  decode_head = [DECODE_PREFIX + k for k in ('step', *DECODE_METRICS)]
+  decode = [c for c in decode_head if c in present]
+  decode += sorted(c for c in present if c.startswith(DECODE_PREFIX) and c not in decode_head)
+  other = sorted(c for c in present if c not in head + tail + decode)
+  return head + other + decode + tail
+
+
 def table(runs: Sequence[RunRecord]) -> list[dict]:
-  """One row per run (see module docstring), sorted by kind, length, seed."""
-  rows = []
-  for run in runs:
-    final = _final_eval(run)
-    speeds = [m['tokens_per_sec'] for m in run.records('train') if m.get('tokens_per_sec')]
-    row = dict(kind=run.kind, length=run.length, seed=run.seed,
-               dataset=run.config.get('dataset', {}).get('name', ''),
-               step=final.get('step'), workdir=run.workdir,
-               tokens_per_sec=statistics.median(speeds[1:] or speeds) if speeds else None,
-               peak_memory_bytes=_peak_memory(run))
-    for metric in EVAL_METRICS:
-      row[metric] = final.get(metric)
-    rows.append(row)
-  return sorted(rows, key=lambda r: (r['kind'], r['length'], r['seed']))
+  """Rows of runs.csv (see COLUMNS_DOC), sorted by kind, length, seed, eval length;
+  every row has every column (None where it has no value)."""
+  rows = [_row(run, length) for run in runs for length in run.measured_lengths()]
+  names = columns(rows)
+  rows = [{name: row.get(name) for name in names} for row in rows]
+  return sorted(rows, key=lambda r: (r['kind'], r['length'], r['seed'], r['eval_seq_len']))
+
+
+def metric_columns(rows: Sequence[dict]) -> list[str]:
+  """The eval metrics and decode scores present in rows, in column order (what is
+  plotted against length; not decode timings or counts)."""
+  names = columns(rows)
+  start, end = names.index('step') + 1, names.index(TRAIN_COLUMNS[0])
+  scores = {DECODE_PREFIX + k for k in DECODE_METRICS}
+  return [c for c in names[start:end]
+          if c != 'mean_span' and (not c.startswith(DECODE_PREFIX) or c in scores) and
+          any(isinstance(r.get(c), (int, float)) for r in rows)]
 
 
 def write_csv(rows: Sequence[dict], path: str) -> None:
-  columns = list(rows[0]) if rows else []
   with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, columns)
+    writer = csv.DictWriter(f, columns(rows))
     writer.writeheader()
     writer.writerows(rows)
-
-
-def _by_kind(rows, metric):
-  """{kind: [(length, mean, min, max)]} over seeds, for rows with the metric."""
-  series = {}
-  for kind in dict.fromkeys(r['kind'] for r in rows):
-    points = []
-    for length in sorted({r['length'] for r in rows if r['kind'] == kind}):
-      values = [r[metric] for r in rows
-                if r['kind'] == kind and r['length'] == length and r.get(metric) is not None]
-      if values:
-        points.append((length, statistics.mean(values), min(values), max(values)))
-    if points:
-      series[kind] = points
-  return series
-
-
-def plot_vs_length(rows: Sequence[dict], metric: str, path: str, *, ylabel: str = '',
-                   logy: bool = False, title: str = '') -> bool:
-  """One line per kind of `metric` against length; False when no run has it."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  series = _by_kind(rows, metric)
-  if not series:
-    return False
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for kind, points in series.items():
-    lengths, means, lows, highs = zip(*points)
-    ax.errorbar(lengths, means, yerr=[[m - lo for m, lo in zip(means, lows)],
-                                      [hi - m for m, hi in zip(means, highs)]],
-                marker='o', capsize=3, label=kind)
-  ax.set_xscale('log', base=2)
-  if logy:
-    ax.set_yscale('log')
-  ax.set_xlabel('sequence length')
-  ax.set_ylabel(ylabel or metric)
-  ax.set_title(title or f'{metric} vs length')
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return True
-
-
-def plot_loss_curves(runs: Sequence[RunRecord], path: str) -> bool:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  drawn = False
-  # One colour per kind, one line style per length: a sweep's curves stay readable.
-  kinds = sorted({r.kind for r in runs})
-  lengths = sorted({r.length for r in runs})
-  styles = ['-', '--', ':', '-.']
-  for run in sorted(runs, key=lambda r: (r.kind, r.length, r.seed)):
-    train = [(m['step'], m['loss']) for m in run.records('train') if 'loss' in m]
-    if train:
-      steps, losses = zip(*train)
-      ax.plot(steps, losses, label=f'{run.kind} L={run.length} s={run.seed}', alpha=0.85,
-              color=f'C{kinds.index(run.kind) % 10}',
-              linestyle=styles[lengths.index(run.length) % len(styles)])
-      drawn = True
-  if not drawn:
-    plt.close(fig)
-    return False
-  ax.set_xlabel('step')
-  ax.set_ylabel('training loss')
-  ax.set_yscale('log')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=6, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return True
 
 
 def report(paths: Sequence[str], out: str) -> list[dict]:
@@ -207,32 +236,40 @@ def report(paths: Sequence[str], out: str) -> list[dict]:
     raise SystemExit(f'No run workdirs (metrics.jsonl + config.json) under {list(paths)}.')
   rows = table(runs)
   write_csv(rows, os.path.join(out, 'runs.csv'))
-  for metric in EVAL_METRICS:
+  for metric in metric_columns(rows):
     plot_vs_length(rows, metric, os.path.join(out, f'{metric}_vs_length.png'),
                    logy=metric == 'perplexity')
   plot_vs_length(rows, 'tokens_per_sec', os.path.join(out, 'tokens_per_sec_vs_length.png'),
                  ylabel='training tokens / s', logy=True)
-  plot_vs_length(rows, 'peak_memory_bytes', os.path.join(out, 'memory_vs_length.png'),
-                 ylabel='peak memory (bytes)', logy=True)
+  memory = memory_plot(rows)
+  if memory:
+    plot_vs_length(rows, memory.metric, os.path.join(out, 'memory_vs_length.png'),
+                   ylabel=memory.ylabel, title=memory.title, logy=True, scale=2**-20)
   plot_loss_curves(runs, os.path.join(out, 'loss_curves.png'))
   return rows
 
 
+PRINTED = ('kind', 'length', 'eval_seq_len', 'seed', 'step', 'accuracy', 'exact_match',
+           'perplexity', 'bits_per_byte', 'loss', 'mean_span', 'decode_exact_match',
+           'decode_rougeL', 'decode_bleu', 'tokens_per_sec', 'compiled_memory_bytes',
+           'peak_memory_bytes')
+
+
 def main(argv: Sequence[str]) -> None:
   import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description=__doc__,
+  parser = argparse.ArgumentParser(description=__doc__ + '\nruns.csv columns:\n' + COLUMNS_DOC,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('paths', nargs='+', help='run workdirs or directories holding them')
   parser.add_argument('--out', required=True, help='where runs.csv and the plots go')
   args = parser.parse_args(argv)
   rows = report(args.paths, args.out)
-  columns = ['kind', 'length', 'seed', 'accuracy', 'perplexity', 'bits_per_byte',
-             'tokens_per_sec', 'peak_memory_bytes']
-  print(' | '.join(columns))
+  shown = [c for c in PRINTED if any(r.get(c) is not None for r in rows)]
+  print(' | '.join(shown))
   for row in rows:
     print(' | '.join('' if row.get(c) is None else
                      (f'{row[c]:.4g}' if isinstance(row[c], float) else str(row[c]))
-                     for c in columns))
+                     for c in shown))
+  print(f'runs.csv and plots in {args.out}')
 
 
 if __name__ == '__main__':

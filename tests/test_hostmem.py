@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from longjax import hostmem
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +69,7 @@ def _child(**env):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # A subprocess.
 def test_reexec_keeps_the_command_and_takes_effect():
   on, off = _child(), _child(LONGJAX_HUGEPAGES='0')
   assert on['argv'] == off['argv'] == ['an', 'argument']

@@ -8,49 +8,37 @@ parameters: models choose a kernel by name through this registry.
     from longjax import attention
     out = attention.get('local')(q, k, v, radius=128, causal=True)
 
-`KINDS` lists the names; `spec(kind)` says which keyword arguments a kind
-takes, whether it runs causally, its cost and its paper.
+`KINDS` lists the names; `spec(kind)` is the kind's one definition (see
+`spec.KindSpec`): its settings, implementations, decoding rule, cost and paper.
+Each kind's module defines its `SPEC`; adding a kind is a module and one line
+here. `cached.attend` is the decode-time (single-query) attention.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
+from longjax.attention import adaptive_span as _adaptive_span
+from longjax.attention import chunked as _chunked
+from longjax.attention import dot_product as _dot_product
+from longjax.attention import global_local as _global_local
+from longjax.attention import hierarchical as _hierarchical
+from longjax.attention import local as _local
+from longjax.attention import transient_global as _transient_global
 from longjax.attention.adaptive_span import adaptive_span, needed_radius, soft_mask, span_penalty
 from longjax.attention.chunked import chunked
 from longjax.attention.dot_product import dot_product
 from longjax.attention.global_local import global_local
 from longjax.attention.hierarchical import hierarchical
 from longjax.attention.local import local
+from longjax.attention.spec import PARAMS, CacheLayout, KeyGroup, KindSpec, Slots
 from longjax.attention.transient_global import transient_global
 
-
-@dataclasses.dataclass(frozen=True)
-class KindSpec:
-  name: str
-  fn: Callable
-  params: tuple[str, ...]  # keyword arguments beyond q, k, v, causal, segment_ids
-  cost: str
-  reference: str
-
-
-_SPECS = (
-    KindSpec('full', dot_product, (), 'O(L^2)', 'Vaswani et al. 2017'),
-    KindSpec('local', local, ('radius',), 'O(L r)',
-             'Longformer sliding window (Beltagy et al. 2020); LongT5 local'),
-    KindSpec('global_local', global_local, ('radius', 'num_global'), 'O(L (r + g))',
-             'Longformer / ETC global tokens; attention sinks (Xiao et al. 2023)'),
-    KindSpec('transient_global', transient_global, ('radius', 'block_size'),
-             'O(L (r + L/k))', 'LongT5 TGlobal (Guo et al. 2022)'),
-    KindSpec('hierarchical', hierarchical, ('block_size',), 'O(L b log(L/b))',
-             'H-Transformer-1D (Zhu & Soricut 2021)'),
-    KindSpec('adaptive_span', adaptive_span, ('spans', 'max_span', 'ramp'), 'O(L S)',
-             'Adaptive attention span (Sukhbaatar et al. 2019)'),
-    KindSpec('chunked', chunked, ('block_size',), 'O(L b)',
-             'split, attend, concatenate baseline'),
-)
+_SPECS = (_dot_product.SPEC, _local.SPEC, _global_local.SPEC, _transient_global.SPEC,
+          _hierarchical.SPEC, _adaptive_span.SPEC, _chunked.SPEC)
 _REGISTRY = {s.name: s for s in _SPECS}
 KINDS: tuple[str, ...] = tuple(_REGISTRY)
+# The default kind: full attention, the reference every other kind is measured against.
+DEFAULT_KIND = _dot_product.SPEC.name
 
 
 def spec(kind: str) -> KindSpec:
@@ -68,7 +56,8 @@ def get(kind: str) -> Callable:
 
 
 __all__ = [
-    'KINDS', 'KindSpec', 'adaptive_span', 'chunked', 'dot_product', 'get',
-    'global_local', 'hierarchical', 'local', 'needed_radius', 'soft_mask',
-    'span_penalty', 'spec', 'transient_global',
+    'CacheLayout', 'DEFAULT_KIND', 'KINDS', 'KeyGroup', 'KindSpec', 'PARAMS', 'Slots',
+    'adaptive_span',
+    'chunked', 'dot_product', 'get', 'global_local', 'hierarchical', 'local',
+    'needed_radius', 'soft_mask', 'span_penalty', 'spec', 'transient_global',
 ]

@@ -88,6 +88,30 @@ def check_positive_int(value, name, field, minimum=1):
   return int(value)
 
 
+class Dims(NamedTuple):
+  batch: int
+  length: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+
+
+def self_attention_inputs(q, k, v, segment_ids, scale: Optional[float], name: str):
+  """The prologue every self-attention kernel shares.
+
+  Checks the shapes (q [b, l, heads, d], k and v [b, l, kv_heads, d], the same
+  length) and the segment ids, and returns (qh, kh, vh, segment_ids, dims):
+  queries times the softmax scale and keys/values, heads-major (see
+  heads_major_queries), segment ids as int32 or None.
+  """
+  batch, length, kv_len, heads, kv_heads, dim = check_qkv(q, k, v, name)
+  if kv_len != length:
+    raise ValueError(f'{name}: is self-attention; q and k lengths differ ({length} vs {kv_len}).')
+  segment_ids = check_segment_ids(segment_ids, batch, length, name)
+  return (scaled_queries(q, kv_heads, dim, scale), heads_major(k), heads_major(v), segment_ids,
+          Dims(batch, length, heads, kv_heads, dim))
+
+
 def default_scale(dim: int, scale: Optional[float]) -> float:
   return 1.0 / math.sqrt(dim) if scale is None else float(scale)
 
@@ -123,10 +147,6 @@ def pad_axis(x, axis: int, new_size: int, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
 def bias_heads(bias_fn: BiasFn, rel, kv_heads: int):
   """Evaluates bias_fn on relative positions of shape S; returns S + (kv_heads, group) f32."""
   bias = bias_fn(jnp.asarray(rel, jnp.int32)).astype(jnp.float32)
@@ -139,7 +159,7 @@ def bias_tile(bias_fn: BiasFn, rel, kv_heads: int):
   return jnp.moveaxis(bias_heads(bias_fn, rel, kv_heads), (-2, -1), (0, 1))
 
 
-def _softmax_stats(scores, mask, weight=None):
+def softmax_stats(scores, mask, weight=None):
   """Masked, shifted exponentials: (row max, probabilities, row sums).
 
   Masked scores are set to MASK_VALUE. A row with no visible key is shifted
@@ -178,7 +198,7 @@ def attend_blocks(q, k, v, *, mask, bias=None, log_weight=None, weight=None) -> 
     scores = scores + bias
   if log_weight is not None:
     scores = scores + log_weight
-  row_max, probs, row_sum = _softmax_stats(scores, mask, weight)
+  row_max, probs, row_sum = softmax_stats(scores, mask, weight)
   out = jnp.einsum('bhngqk,bhnkd->bhngqd', probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   b, hk, n, g, tq, d = out.shape
@@ -200,7 +220,7 @@ def attend_per_query(q, k, v, *, mask, bias=None, log_weight=None) -> Part:
     scores = scores + bias
   if log_weight is not None:
     scores = scores + log_weight
-  row_max, probs, row_sum = _softmax_stats(scores, mask)
+  row_max, probs, row_sum = softmax_stats(scores, mask)
   out = jnp.einsum('bhglm,bhlmd->bhgld', probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return Part(row_max, row_sum, out)
@@ -262,16 +282,27 @@ def segment_bounds(segment_ids):
   return start, end
 
 
-def resolve_implementation(implementation: str, name: str, *, cudnn_ok: bool,
-                           why_not: str = '') -> str:
-  """Chooses 'xla' or 'cudnn' for a call.
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
 
+
+def resolve_implementation(implementation: str, name: str, *,
+                           supported: tuple[str, ...] = ('xla',), cudnn_ok: bool = False,
+                           why_not: str = '') -> str:
+  """Chooses the implementation of a call: 'xla' or 'cudnn'.
+
+  supported: the implementations that compute this kind (its registry entry).
   'auto' takes cuDNN's fused kernel on a GPU when it computes exactly this
-  call (see each kernel), else the blocked XLA code, which runs everywhere.
+  call (`cudnn_ok`, see each kernel), else the blocked XLA code, which runs
+  everywhere.
   """
-  if implementation not in ('auto', 'xla', 'cudnn'):
+  if implementation not in IMPLEMENTATIONS:
     raise ValueError(
-        f"{name}: implementation must be 'auto', 'xla' or 'cudnn'; got {implementation!r}.")
+        f"{name}: implementation must be one of {', '.join(map(repr, IMPLEMENTATIONS))}; "
+        f"got {implementation!r}.")
+  if implementation != 'auto' and implementation not in supported:
+    raise ValueError(
+        f"{name}: implementation={implementation!r} does not compute this kind; it has "
+        f"{', '.join(map(repr, supported))}. Use 'auto' or 'xla'.")
   on_gpu = jax.default_backend() == 'gpu'
   if implementation == 'cudnn':
     if not on_gpu:
@@ -282,7 +313,7 @@ def resolve_implementation(implementation: str, name: str, *, cudnn_ok: bool,
       raise ValueError(f"{name}: implementation='cudnn' cannot compute this call: "
                        f"{why_not}. Use 'auto' or 'xla'.")
     return 'cudnn'
-  if implementation == 'auto' and on_gpu and cudnn_ok:
+  if implementation == 'auto' and on_gpu and cudnn_ok and 'cudnn' in supported:
     return 'cudnn'
   return 'xla'
 

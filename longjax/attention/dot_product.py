@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import _core
+from longjax.attention import _core, spec
+from longjax.attention.local import window_group
 
 
 def dot_product(q, k, v, *, causal: bool = False, segment_ids=None,
@@ -47,7 +48,8 @@ def dot_product(q, k, v, *, causal: bool = False, segment_ids=None,
   ok, why = _core.cudnn_supports(q, segment_ids=segment_ids, bias_fn=bias_fn)
   if causal and q_len != kv_len:
     ok, why = False, 'causal cross-attention with different lengths'
-  if _core.resolve_implementation(implementation, name, cudnn_ok=ok, why_not=why) == 'cudnn':
+  if _core.resolve_implementation(implementation, name, supported=SPEC.implementations,
+                                  cudnn_ok=ok, why_not=why) == 'cudnn':
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                         implementation='cudnn')
 
@@ -63,3 +65,19 @@ def dot_product(q, k, v, *, causal: bool = False, segment_ids=None,
     bias = _core.bias_tile(bias_fn, rel, kv_heads)[None, :, None]
   part = _core.attend_blocks(qh, kh, vh, mask=mask, bias=bias)
   return _core.merge([part], q.dtype)
+
+
+# Decoding: every earlier position stays in the cache (pinned slots).
+def cache_layout(settings, max_length: int) -> spec.CacheLayout:
+  del settings
+  return spec.CacheLayout(pinned=max_length, ring=0)
+
+
+def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
+  del settings, pooled
+  return [window_group(window, t, lambda query, key: key <= query)]
+
+
+SPEC = spec.KindSpec('full', dot_product, (), 'O(L^2)', 'Vaswani et al. 2017',
+                     cache_layout=cache_layout, decode_keys=decode_keys,
+                     implementations=('xla', 'cudnn'))

@@ -23,8 +23,14 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from longjax.attention import _core
-from longjax.attention.local import default_block, window_part
+from longjax.attention import _core, spec
+from longjax.attention.local import (default_block, ring_length, window_group, window_part,
+                                     window_visible)
+
+
+def prefix_global(position, num_global: int):
+  """Whether a position is one of the prefix global tokens (numpy or jax ints)."""
+  return position < num_global
 
 
 def _global_indices(global_mask, num_global):
@@ -38,7 +44,8 @@ def _global_indices(global_mask, num_global):
 def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
                  segment_ids=None, global_mask=None,
                  bias_fn: Optional[_core.BiasFn] = None,
-                 scale: Optional[float] = None, block_size: Optional[int] = None):
+                 scale: Optional[float] = None, tile: Optional[int] = None,
+                 implementation: str = 'auto'):
   """Sliding window of `radius` plus global tokens.
 
   Args:
@@ -50,23 +57,20 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
     causal: only keys j <= i, global or not.
     segment_ids: [batch, length] ints.
     global_mask: optional [batch, length] bool marking global tokens.
-    bias_fn, scale, block_size: as in `local`.
+    bias_fn, scale, tile, implementation: as in `local`.
   Returns:
     [batch, length, heads, head_dim] in q's dtype.
   """
   name = 'global_local'
-  batch, length, kv_len, heads, kv_heads, dim = _core.check_qkv(q, k, v, name)
-  if kv_len != length:
-    raise ValueError(f'{name}: is self-attention; q and k lengths differ ({length} vs {kv_len}).')
+  qh, kh, vh, segment_ids, dims = _core.self_attention_inputs(q, k, v, segment_ids, scale, name)
+  batch, length, kv_heads = dims.batch, dims.length, dims.kv_heads
   radius = _core.check_positive_int(radius, name, 'radius')
   num_global = _core.check_positive_int(num_global, name, 'num_global', minimum=0)
-  segment_ids = _core.check_segment_ids(segment_ids, batch, length, name)
+  _core.resolve_implementation(implementation, name, supported=SPEC.implementations)
   num_global = min(num_global, length)
-  qh = _core.scaled_queries(q, kv_heads, dim, scale)  # [b, hk, g, l, d]
-  kh, vh = _core.heads_major(k), _core.heads_major(v)  # [b, hk, l, d]
   positions = jnp.arange(length, dtype=jnp.int32)
 
-  if global_mask is None:
+  if global_mask is None:  # The prefix: every position p with prefix_global(p, num_global).
     global_idx = jnp.broadcast_to(positions[:num_global], (batch, num_global))
     global_valid = jnp.ones((batch, num_global), bool)
   else:
@@ -77,8 +81,8 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
   rows = jnp.arange(batch)[:, None]
   is_global = jnp.zeros((batch, length), bool).at[rows, global_idx].max(global_valid)
 
-  block = block_size or default_block(radius)
-  window = window_part(qh, kh, vh, block=block, before=1, after=0 if causal else 1,
+  window = window_part(qh, kh, vh, block=tile or default_block(radius), before=1,
+                       after=0 if causal else 1,
                        radius=radius, causal=causal, segment_ids=segment_ids,
                        bias_fn=bias_fn, key_exclude=is_global)
   if num_global == 0:
@@ -122,3 +126,23 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
   current = jnp.take_along_axis(out, global_idx[:, :, None, None], axis=1)
   out_glob = jnp.where(global_valid[:, :, None, None], out_glob, current)
   return out.at[rows, global_idx].set(out_glob)
+
+
+# Decoding (prefix global tokens only): the first num_global positions stay
+# pinned in the cache (attention sinks), the window is a ring.
+def cache_layout(settings, max_length: int) -> spec.CacheLayout:
+  return spec.CacheLayout(pinned=min(settings['num_global'], max_length),
+                          ring=ring_length(settings['radius'] + 1, max_length))
+
+
+def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
+  del pooled
+  radius, num_global = settings['radius'], settings['num_global']
+  return [window_group(window, t, lambda query, key: (key <= query) & (
+      prefix_global(key, num_global) | window_visible(query - key, radius=radius, causal=True)))]
+
+
+SPEC = spec.KindSpec(
+    'global_local', global_local, ('radius', 'num_global'), 'O(L (r + g))',
+    'Longformer / ETC global tokens; attention sinks (Xiao et al. 2023)',
+    cache_layout=cache_layout, decode_keys=decode_keys, accepts_global_mask=True)

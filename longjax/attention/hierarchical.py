@@ -3,7 +3,7 @@
 The attention matrix is approximated by a hierarchical (H-) matrix: exact near
 the diagonal, coarser the farther a key is from the query.
 
-Exactly, with b = block_size (even) and w_l = b * 2^l:
+Exactly, with b = level0_block (even) and w_l = b * 2^l:
   * level 0: a query i in block N_0 = i // b attends exactly to every key of
     blocks N_0 - 1, N_0, N_0 + 1 (region R_0(i) = [(N_0 - 1) b, (N_0 + 2) b)).
   * level l >= 1: keys and values are averaged over groups of 2^l consecutive
@@ -22,26 +22,60 @@ Exactly, with b = block_size (even) and w_l = b * 2^l:
     query's own segment (see _pooling.py for how groups that straddle a
     boundary are handled).
 
-Cost: O(length * block_size * log(length / block_size)). With block_size >=
-length (or length <= 2 * block_size) it is exactly full attention.
+Cost: O(length * b * log(length / b)). With b >= length (or length <= 2 * b)
+it is exactly full attention.
+
+`level0_visible` and `coarse_visible` state who sees whom; the blocked kernel
+builds its tile masks and the decode rule its slot masks from them.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import _core, _pooling
-from longjax.attention.local import window_part
+from longjax.attention import _core, _pooling, spec
+from longjax.attention.local import ring_length, window_group, window_part
 
 
-def num_levels(length: int, block_size: int) -> int:
+def num_levels(length: int, level0_block: int) -> int:
   """Number of coarse levels above level 0: the smallest l with 2 * w_l >= length."""
   levels = 0
-  while 2 * block_size * 2 ** levels < length:
+  while 2 * level0_block * 2 ** levels < length:
     levels += 1
   return levels
+
+
+def level0_visible(query_pos, key_pos, level0_block: int, *, causal: bool):
+  """Level 0: a query sees every key of its block and the neighbouring ones
+  (blocks N_0 - 1, N_0 and, bidirectionally, N_0 + 1), causally only j <= i."""
+  query_block, key_block = query_pos // level0_block, key_pos // level0_block
+  visible = (key_block >= query_block - 1) & (key_block <= query_block + (0 if causal else 1))
+  if causal:
+    visible = visible & (key_pos <= query_pos)
+  return visible
+
+
+def coarse_visible(query_pos, group, *, level: int, level0_block: int, causal: bool):
+  """Level l >= 1: whether a query sees the coarse key of `group` (tokens
+  [group * 2^l, (group + 1) * 2^l)), numpy or jax ints.
+
+  The group must lie in R_l(i) = [(N_l - 1) w_l, (N_l + 2) w_l) (causal:
+  up to (N_l + 1) w_l) and not in R_{l-1}(i), where the finer level covers it;
+  causally it must also end at or before the query.
+  """
+  b, f = level0_block, 2 ** level
+  w = b * f
+  level_block = query_pos // w
+  in_region = ((level_block - 1) * b <= group) & (group < (level_block + (1 if causal else 2)) * b)
+  finer_block = query_pos // (w // 2)
+  finer = ((finer_block - 1) * b // 2 <= group) & (group < (finer_block + 2) * b // 2)
+  visible = in_region & ~finer
+  if causal:
+    visible = visible & (group * f + f - 1 <= query_pos)
+  return visible
 
 
 def _coarse_level(qh, kh, vh, *, level, block, causal, segment_ids, bias_fn):
@@ -62,14 +96,11 @@ def _coarse_level(qh, kh, vh, *, level, block, causal, segment_ids, bias_fn):
 
   # Static geometry of a tile: query r of level block N is at N*w + r; coarse
   # key t of its window is c = (N - before)*block + t, i.e. tc = t - before*block
-  # coarse keys after the block's start.
+  # coarse keys after the block's start. The rule is the same for every N
+  # (shifting the query by w shifts its groups by block), so take N = 0.
   r = np.arange(w)[:, None]
   tc = np.arange(width)[None, :] - before * block
-  half = r // (w // 2)  # which level-(l-1) block the query is in (0 or 1)
-  finer = ((half - 1) * block // 2 <= tc) & (tc < (half + 2) * block // 2)
-  mask = ~finer
-  if causal:
-    mask &= tc * f + f - 1 <= r
+  mask = coarse_visible(r, tc, level=level, level0_block=block, causal=causal)
   c = (np.arange(n)[:, None] - before) * block + np.arange(width)[None, :]
   mask = mask[None] & ((c >= 0) & (c < n * block))[:, None, :]  # [n, w, width]
   mask = jnp.asarray(mask)[None] & to_window(pooled.pure, 1)[:, :, None, :]  # [b, n, w, width]
@@ -90,18 +121,10 @@ def _boundary_level(qh, kh, vh, *, level, block, causal, segment_ids, bias_fn):
   """The part of level `level` over each query's segment-boundary groups."""
   hk, length = kh.shape[1], kh.shape[2]
   f = 2 ** level
-  w = block * f
   edge = _pooling.boundary_keys(kh, vh, group_size=f, segment_ids=segment_ids)
   i = jnp.arange(length)[None, :, None]
   c = edge.group  # [b, l, 2]
-  level_block = i // w
-  lo = (level_block - 1) * block
-  hi = (level_block + (1 if causal else 2)) * block
-  finer_block = i // (w // 2)
-  finer = ((finer_block - 1) * block // 2 <= c) & (c < (finer_block + 2) * block // 2)
-  mask = edge.exists & (lo <= c) & (c < hi) & ~finer
-  if causal:
-    mask &= c * f + f - 1 <= i
+  mask = edge.exists & coarse_visible(i, c, level=level, level0_block=block, causal=causal)
   bias = None
   if bias_fn is not None:  # [b, l, 2, hk, g] -> [b, hk, g, l, 2]
     bias = jnp.moveaxis(_core.bias_heads(bias_fn, i - c * f - f // 2, hk), (3, 4), (1, 2))
@@ -110,36 +133,61 @@ def _boundary_level(qh, kh, vh, *, level, block, causal, segment_ids, bias_fn):
                                 log_weight=log_count)
 
 
-def hierarchical(q, k, v, *, block_size: int, causal: bool = False, segment_ids=None,
-                 bias_fn: Optional[_core.BiasFn] = None, scale: Optional[float] = None):
+def hierarchical(q, k, v, *, level0_block: int, causal: bool = False, segment_ids=None,
+                 bias_fn: Optional[_core.BiasFn] = None, scale: Optional[float] = None,
+                 implementation: str = 'auto'):
   """H-Transformer-1D attention: exact near the diagonal, pooled keys farther out.
 
   Args:
     q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim].
-    block_size: even block length b of level 0; level l pools 2^l tokens.
-    causal, segment_ids, bias_fn, scale: as in `local`; the bias of a coarse
-      key uses its group's middle position.
+    level0_block: even block length b of level 0; level l pools 2^l tokens.
+    causal, segment_ids, bias_fn, scale, implementation: as in `local`; the
+      bias of a coarse key uses its group's middle position.
   Returns:
     [batch, length, heads, head_dim] in q's dtype.
   """
   name = 'hierarchical'
-  batch, length, kv_len, _, kv_heads, dim = _core.check_qkv(q, k, v, name)
-  if kv_len != length:
-    raise ValueError(f'{name}: is self-attention; q and k lengths differ ({length} vs {kv_len}).')
-  block_size = _core.check_positive_int(block_size, name, 'block_size', minimum=2)
-  if block_size % 2:
-    raise ValueError(f'{name}: block_size must be even (levels halve it); got {block_size}.')
-  segment_ids = _core.check_segment_ids(segment_ids, batch, length, name)
-  qh = _core.scaled_queries(q, kv_heads, dim, scale)
-  kh, vh = _core.heads_major(k), _core.heads_major(v)
+  qh, kh, vh, segment_ids, dims = _core.self_attention_inputs(q, k, v, segment_ids, scale, name)
+  level0_block = _core.check_positive_int(level0_block, name, 'level0_block', minimum=2)
+  if level0_block % 2:
+    raise ValueError(f'{name}: level0_block must be even (levels halve it); got {level0_block}.')
+  _core.resolve_implementation(implementation, name, supported=SPEC.implementations)
 
-  parts = [window_part(qh, kh, vh, block=block_size, before=1, after=0 if causal else 1,
+  parts = [window_part(qh, kh, vh, block=level0_block, before=1, after=0 if causal else 1,
                        radius=None, causal=causal, segment_ids=segment_ids,
                        bias_fn=bias_fn)]
-  for level in range(1, num_levels(length, block_size) + 1):
-    kwargs = dict(level=level, block=block_size, causal=causal,
+  for level in range(1, num_levels(dims.length, level0_block) + 1):
+    kwargs = dict(level=level, block=level0_block, causal=causal,
                   segment_ids=segment_ids, bias_fn=bias_fn)
     parts.append(_coarse_level(qh, kh, vh, **kwargs))
     if segment_ids is not None:
       parts.append(_boundary_level(qh, kh, vh, **kwargs))
   return _core.merge(parts, q.dtype)
+
+
+# Decoding: level 0 keeps the last 2b positions (blocks N_0 - 1 and N_0); each
+# coarse level a ring of at most 2b group means (its region before the query).
+def cache_layout(settings, max_length: int) -> spec.CacheLayout:
+  b = settings['level0_block']
+  sizes = tuple(2 ** level for level in range(1, num_levels(max_length, b) + 1))
+  slots = tuple(min(2 * b, -(-max_length // f)) for f in sizes)
+  return spec.CacheLayout(pinned=0, ring=ring_length(2 * b, max_length), pool_sizes=sizes,
+                          pool_slots=slots)
+
+
+def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
+  b = settings['level0_block']
+  groups = [window_group(window, t, lambda query, key: level0_visible(query, key, b,
+                                                                      causal=True))]
+  for level, buffer in enumerate(pooled, start=1):
+    f = 2 ** level
+    c = buffer.held
+    mask = (c >= 0) & coarse_visible(t[:, None], c, level=level, level0_block=b, causal=True)
+    groups.append(spec.KeyGroup(buffer.k, buffer.v, mask, rel=t[:, None] - c * f - f // 2,
+                                log_weight=jnp.full(c.shape, math.log(f), jnp.float32)))
+  return groups
+
+
+SPEC = spec.KindSpec(
+    'hierarchical', hierarchical, ('level0_block',), 'O(L b log(L/b))',
+    'H-Transformer-1D (Zhu & Soricut 2021)', cache_layout=cache_layout, decode_keys=decode_keys)

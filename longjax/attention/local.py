@@ -2,14 +2,18 @@
 
 `local`: query i attends key j iff |i - j| <= radius (and j <= i when causal),
 within the same segment. Longformer's sliding window, LongT5's local attention,
-Mistral/Gemma's sliding window in its causal form.
+Mistral/Gemma's sliding window in its causal form (their `sliding_window = W`
+is radius = W - 1: a query sees itself and the W - 1 keys before it).
 
-How it stays linear: the sequence is cut into blocks of `block` >= radius
+How it stays linear: the sequence is cut into tiles of `tile` >= radius
 tokens. Every key a query in block n may see lies in blocks n-1, n, n+1 (only
 n-1, n when causal), so each block of queries is scored against that window of
 3 (or 2) blocks: a [block, 3 * block] score tile per block, O(length * radius)
 time and memory in the forward and the backward pass. The window mask inside a
 tile depends only on offsets within the tile, so it is a compile-time constant.
+
+Decoding keeps a ring of the last radius + 1 positions; `window_visible` is
+the one rule both the tiles and the decode mask are built from.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import _core
+from longjax.attention import _core, spec
 
 # Smallest block used for tiny radii: very small tiles waste the matmul units
 # and give XLA thousands of tiny blocks.
@@ -28,6 +32,19 @@ MIN_BLOCK = 16
 
 def default_block(radius: int) -> int:
   return max(int(radius), MIN_BLOCK)
+
+
+def window_visible(rel, *, radius: Optional[int], causal: bool):
+  """Whether a query sees a key at rel = query_pos - key_pos (numpy or jax ints).
+
+  The window rule of `local` (|rel| <= radius; radius None: no limit), causal
+  when asked (rel >= 0). The blocked kernels build their tile masks with it and
+  the decode rules their slot masks, so training and decoding share it.
+  """
+  visible = (abs(rel) <= radius) if radius is not None else (rel == rel)
+  if causal:
+    visible = visible & (rel >= 0)
+  return visible
 
 
 def window_part(q, k, v, *, block: int, before: int, after: int,
@@ -71,11 +88,7 @@ def window_part(q, k, v, *, block: int, before: int, after: int,
   r = np.arange(block)[:, None]
   t = np.arange(width)[None, :]
   rel = r - t + before * block  # query_pos - key_pos, the same for every block
-  mask = np.ones((block, width), bool)
-  if radius is not None:
-    mask &= np.abs(rel) <= radius
-  if causal:
-    mask &= rel >= 0
+  mask = window_visible(rel, radius=radius, causal=causal)
   key_pos = (np.arange(n)[:, None] - before) * block + np.arange(width)[None, :]
   mask = mask[None] & ((key_pos >= 0) & (key_pos < length))[:, None, :]
   mask = jnp.asarray(mask)[None, None, :, None]  # [1, 1, n, 1, block, width]
@@ -99,39 +112,71 @@ def window_part(q, k, v, *, block: int, before: int, after: int,
 
 def local(q, k, v, *, radius: int, causal: bool = False, segment_ids=None,
           bias_fn: Optional[_core.BiasFn] = None, scale: Optional[float] = None,
-          implementation: str = 'auto', block_size: Optional[int] = None):
+          implementation: str = 'auto', tile: Optional[int] = None):
   """Sliding-window attention: query i sees key j iff |i - j| <= radius.
 
   Args:
     q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads,
       head_dim] with heads % kv_heads == 0 (grouped-query attention).
     radius: window radius (>= 1); causal windows see radius keys back.
+      Mistral's / Gemma's `sliding_window = W` is radius = W - 1 (causal).
     causal: also require j <= i.
     segment_ids: [batch, length] ints; tokens attend only within their segment.
     bias_fn: optional position bias, f(query_pos - key_pos) -> [..., heads].
     scale: softmax scale, default 1/sqrt(head_dim).
     implementation: 'xla' (blocked, everywhere), 'cudnn' (GPU fused kernel via
       jax.nn.dot_product_attention(local_window_size=...)), or 'auto'.
-    block_size: tile length (>= radius); default max(radius, 16).
+    tile: kernel tile length (>= radius); default max(radius, 16).
   Returns:
     [batch, length, heads, head_dim] in q's dtype.
   """
   name = 'local'
-  batch, length, kv_len, _, kv_heads, dim = _core.check_qkv(q, k, v, name)
-  if kv_len != length:
-    raise ValueError(f'{name}: is self-attention; q and k lengths differ ({length} vs {kv_len}).')
+  qh, kh, vh, segment_ids, _ = _core.self_attention_inputs(q, k, v, segment_ids, scale, name)
   radius = _core.check_positive_int(radius, name, 'radius')
-  segment_ids = _core.check_segment_ids(segment_ids, batch, length, name)
   ok, why = _core.cudnn_supports(q, segment_ids=segment_ids, bias_fn=bias_fn)
-  if _core.resolve_implementation(implementation, name, cudnn_ok=ok, why_not=why) == 'cudnn':
+  if _core.resolve_implementation(implementation, name, supported=SPEC.implementations,
+                                  cudnn_ok=ok, why_not=why) == 'cudnn':
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, is_causal=causal,
         local_window_size=(radius, 0 if causal else radius), implementation='cudnn')
-  block = block_size or default_block(radius)
-  if block < radius:
-    raise ValueError(f'{name}: block_size ({block}) must be >= radius ({radius}).')
-  part = window_part(_core.scaled_queries(q, kv_heads, dim, scale), _core.heads_major(k),
-                     _core.heads_major(v), block=block, before=1, after=0 if causal else 1,
-                     radius=radius, causal=causal, segment_ids=segment_ids,
-                     bias_fn=bias_fn)
+  tile = tile or default_block(radius)
+  if tile < radius:
+    raise ValueError(f'{name}: tile ({tile}) must be >= radius ({radius}).')
+  part = window_part(qh, kh, vh, block=tile, before=1, after=0 if causal else 1,
+                     radius=radius, causal=causal, segment_ids=segment_ids, bias_fn=bias_fn)
   return _core.merge([part], q.dtype)
+
+
+# Decoding: a ring of the last radius + 1 positions.
+def ring_length(count: int, max_length: int) -> int:
+  """A ring never needs more slots than there are positions to decode."""
+  return min(count, max_length)
+
+
+def cache_layout(settings, max_length: int) -> spec.CacheLayout:
+  return spec.CacheLayout(pinned=0, ring=ring_length(settings['radius'] + 1, max_length))
+
+
+def window_group(window: spec.Slots, t, visible, weight=None) -> spec.KeyGroup:
+  """The window buffer's slots that a query at t [b] sees.
+
+  visible(query_pos [b, 1], key_pos [b, slots]) -> bool, the kind's rule;
+  weight: [b, heads, slots] multiplicative weights (zero = masked), or None.
+  """
+  rel = t[:, None] - window.held
+  mask = (window.held >= 0) & visible(t[:, None], window.held)
+  if weight is not None:
+    mask = mask[:, None, :] & (weight > 0)
+  return spec.KeyGroup(window.k, window.v, mask, rel=rel, weight=weight)
+
+
+def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
+  del pooled
+  return [window_group(window, t, lambda query, key: window_visible(
+      query - key, radius=settings['radius'], causal=True))]
+
+
+SPEC = spec.KindSpec(
+    'local', local, ('radius',), 'O(L r)',
+    'Longformer sliding window (Beltagy et al. 2020); LongT5 local',
+    cache_layout=cache_layout, decode_keys=decode_keys, implementations=('xla', 'cudnn'))

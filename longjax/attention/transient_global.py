@@ -1,10 +1,10 @@
 """Transient-global attention (LongT5's TGlobal, Guo et al. 2022).
 
 Every query attends its local window (|i - j| <= radius) plus one *summary*
-key/value per block of `block_size` tokens, all in one softmax.
+key/value per block of `summary_block` tokens, all in one softmax.
 
 Summaries, exactly: the summary of block c is the mean of the keys and the
-mean of the values of tokens [c * block_size, (c + 1) * block_size) ∩
+mean of the values of tokens [c * summary_block, (c + 1) * summary_block) ∩
 [0, length) — of those in the query's own segment when segment_ids are given.
 (LongT5 sums the block's token embeddings, layer-normalises and projects
 them; because the projections are linear, mean-pooling the projected keys and
@@ -13,11 +13,11 @@ function of q, k, v alone. A model that wants LongT5's exact summaries can
 feed its own.) A summary is one key, not weighted by the block size.
 
 Causal form: a query at position i sees the summary of block c only if the
-block ends before it, (c + 1) * block_size <= i, so no later token leaks
+block ends before it, (c + 1) * summary_block <= i, so no later token leaks
 through a summary.
 
-Cost: O(length * (radius + length / block_size)) — linear in the window, with
-a length^2 / block_size term for the summaries, as in LongT5.
+Cost: O(length * (radius + length / summary_block)) — linear in the window, with
+a length^2 / summary_block term for the summaries, as in LongT5.
 """
 from __future__ import annotations
 
@@ -25,45 +25,53 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from longjax.attention import _core, _pooling
-from longjax.attention.local import default_block, window_part
+from longjax.attention import _core, _pooling, spec
+from longjax.attention.local import (default_block, ring_length, window_group, window_part,
+                                     window_visible)
 
 
-def summary_position(block: int, block_size: int):
+def summary_position(block, summary_block: int):
   """Position of a summary for position biases: its block's middle token."""
-  return block * block_size + block_size // 2
+  return block * summary_block + summary_block // 2
 
 
-def transient_global(q, k, v, *, radius: int, block_size: int, causal: bool = False,
+def summary_visible(query_pos, block, summary_block: int):
+  """Causal form: whether a query may see the summary of `block` (numpy or jax ints).
+
+  Only blocks that end at or before the query, (block + 1) * summary_block <=
+  query_pos, so no later token leaks through a summary. (Bidirectional
+  queries see every summary.)
+  """
+  return (block + 1) * summary_block <= query_pos
+
+
+def transient_global(q, k, v, *, radius: int, summary_block: int, causal: bool = False,
                      segment_ids=None, bias_fn: Optional[_core.BiasFn] = None,
-                     scale: Optional[float] = None):
-  """Local window of `radius` plus one mean-pooled summary per block of `block_size`.
+                     scale: Optional[float] = None, implementation: str = 'auto'):
+  """Local window of `radius` plus one mean-pooled summary per block of `summary_block`.
 
   Args:
     q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim].
     radius: local window radius (>= 1).
-    block_size: tokens per summary block (>= 1).
-    causal, segment_ids, bias_fn, scale: as in `local`; the bias of a summary
+    summary_block: tokens per summary block (>= 1).
+    causal, segment_ids, bias_fn, scale, implementation: as in `local`; the bias of a summary
       uses its block's middle position.
   Returns:
     [batch, length, heads, head_dim] in q's dtype.
   """
   name = 'transient_global'
-  batch, length, kv_len, _, kv_heads, dim = _core.check_qkv(q, k, v, name)
-  if kv_len != length:
-    raise ValueError(f'{name}: is self-attention; q and k lengths differ ({length} vs {kv_len}).')
+  qh, kh, vh, segment_ids, dims = _core.self_attention_inputs(q, k, v, segment_ids, scale, name)
+  batch, length, kv_heads = dims.batch, dims.length, dims.kv_heads
   radius = _core.check_positive_int(radius, name, 'radius')
-  block_size = _core.check_positive_int(block_size, name, 'block_size')
-  segment_ids = _core.check_segment_ids(segment_ids, batch, length, name)
-  qh = _core.scaled_queries(q, kv_heads, dim, scale)  # [b, hk, g, l, d]
-  kh, vh = _core.heads_major(k), _core.heads_major(v)  # [b, hk, l, d]
+  summary_block = _core.check_positive_int(summary_block, name, 'summary_block')
+  _core.resolve_implementation(implementation, name, supported=SPEC.implementations)
 
   window = window_part(qh, kh, vh, block=default_block(radius), before=1,
                        after=0 if causal else 1, radius=radius, causal=causal,
                        segment_ids=segment_ids, bias_fn=bias_fn)
 
-  num_blocks = -(-length // block_size)
-  pooled = _pooling.pool_groups(kh, vh, group_size=block_size, num_groups=num_blocks,
+  num_blocks = -(-length // summary_block)
+  pooled = _pooling.pool_groups(kh, vh, group_size=summary_block, num_groups=num_blocks,
                                 length=length, segment_ids=segment_ids)
   positions = jnp.arange(length)
   blocks = jnp.arange(num_blocks)
@@ -71,24 +79,48 @@ def transient_global(q, k, v, *, radius: int, block_size: int, causal: bool = Fa
   if segment_ids is not None:
     mask = mask & (segment_ids[:, :, None] == pooled.segment[:, None, :])
   if causal:
-    mask = mask & ((blocks[None, :] + 1) * block_size <= positions[:, None])[None]
+    mask = mask & summary_visible(positions[:, None], blocks[None, :], summary_block)[None]
   bias = None
   if bias_fn is not None:
-    rel = positions[:, None] - summary_position(blocks[None, :], block_size)
+    rel = positions[:, None] - summary_position(blocks[None, :], summary_block)
     bias = _core.bias_tile(bias_fn, rel, kv_heads)[None, :, None]
   summaries = _core.attend_blocks(qh[:, :, None], pooled.k[:, :, None], pooled.v[:, :, None],
                                   mask=mask[:, None, None, None], bias=bias)
   parts = [window, summaries]
 
   if segment_ids is not None:
-    edge = _pooling.boundary_keys(kh, vh, group_size=block_size, segment_ids=segment_ids)
+    edge = _pooling.boundary_keys(kh, vh, group_size=summary_block, segment_ids=segment_ids)
     mask = edge.exists
     if causal:
-      mask = mask & ((edge.group + 1) * block_size <= positions[None, :, None])
+      mask = mask & summary_visible(positions[None, :, None], edge.group, summary_block)
     bias = None
     if bias_fn is not None:  # [b, l, 2, hk, g] -> [b, hk, g, l, 2]
-      rel = positions[None, :, None] - summary_position(edge.group, block_size)
+      rel = positions[None, :, None] - summary_position(edge.group, summary_block)
       bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (3, 4), (1, 2))
     parts.append(_core.attend_per_query(qh, edge.k, edge.v, mask=mask[:, None, None],
                                         bias=bias))
   return _core.merge(parts, q.dtype)
+
+
+# Decoding: a ring of the last radius + 1 positions, and one summary per block,
+# completed when the block's last token arrives.
+def cache_layout(settings, max_length: int) -> spec.CacheLayout:
+  size = settings['summary_block']
+  return spec.CacheLayout(pinned=0, ring=ring_length(settings['radius'] + 1, max_length),
+                          pool_sizes=(size,), pool_slots=(-(-max_length // size),))
+
+
+def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
+  radius, size = settings['radius'], settings['summary_block']
+  (summaries,) = pooled
+  block = summaries.held
+  mask = (block >= 0) & summary_visible(t[:, None], block, size)
+  return [window_group(window, t, lambda query, key: window_visible(
+              query - key, radius=radius, causal=True)),
+          spec.KeyGroup(summaries.k, summaries.v, mask,
+                        rel=t[:, None] - summary_position(block, size))]
+
+
+SPEC = spec.KindSpec(
+    'transient_global', transient_global, ('radius', 'summary_block'), 'O(L (r + L/k))',
+    'LongT5 TGlobal (Guo et al. 2022)', cache_layout=cache_layout, decode_keys=decode_keys)

@@ -1,11 +1,18 @@
-"""Training and evaluation batches: tfds data source -> grain -> numpy batches.
+"""The tokenizer and the batches of a run, from a `DataConfig`.
 
-Training (`build_train_iterator`), per process:
+    tokenizer = get_tokenizer(data_config, workdir)
+    train_iter = build_train_iterator(data_config, tokenizer)       # infinite, checkpointable
+    for batch in build_eval_iterator(data_config, tokenizer): ...   # finite, re-iterable
+
+`data_config` is `DataConfig.from_config(config)` (`longjax.data.config`):
+typed and checked once; nothing here reads the ConfigDict.
+
+Training (`build_train_iterator`), per process: tfds data source -> grain -> numpy batches.
   source[process_index::process_count]   each process reads its own slice
-  .shuffle(config.seed).repeat()         infinite, reshuffled every epoch
+  .shuffle(seed).repeat()                infinite, reshuffled every epoch
   .map(tokenize)                         LM: document -> ids; seq2seq: padded row
   LM only: windows of seq_len from 16 documents in turn -> first-fit packing (or padding)
-  .batch(config.batch_size // process_count)
+  .batch(batch_size // process_count)
 The result is a grain `DatasetIterator`: `get_state()`/`set_state()` give and
 take a small JSON-able dict, saved with the model by Orbax:
 
@@ -24,10 +31,14 @@ not depend on the process count. The last batch is padded with all-zero rows
 (weights 0).
 
 Batch formats: `lm_examples` (LM and synthetic tasks) and `seq2seq_examples`.
+The tokenizer lives here rather than in `tokenizers` because training a
+SentencePiece model needs the dataset (`sources.training_texts`).
 """
 from __future__ import annotations
 
 import functools
+import os
+import time
 from typing import Any, Optional
 
 import grain
@@ -38,6 +49,8 @@ from longjax.data import seq2seq_examples
 from longjax.data import sources
 from longjax.data import synthetic
 from longjax.data import tokenizers
+from longjax.data.config import DataConfig
+from longjax.data.config import DatasetConfig
 
 # Documents read ahead by grain's reader threads (LM) or rows (seq2seq).
 READ_THREADS = 2
@@ -47,42 +60,66 @@ READ_BUFFER = 16
 INTERLEAVED_DOCUMENTS = 16
 
 
-def is_seq2seq(config) -> bool:
-  """True when the config names a target feature (synthetic tasks are LM)."""
-  return bool(config.dataset.target_key) and not sources.is_synthetic(config.dataset.name)
+def wait_for_file(path: str, timeout_s: float, poll_s: float = 1.0) -> None:
+  deadline = time.monotonic() + timeout_s
+  while not os.path.exists(path):
+    if time.monotonic() > deadline:
+      raise TimeoutError(f'{path} did not appear within {timeout_s:.0f} s (process 0 trains it).')
+    time.sleep(poll_s)
 
 
-def process_slice(config, process_index: Optional[int], process_count: Optional[int]):
+def get_tokenizer(data_config: DataConfig, workdir: Optional[str], *,
+                  process_index: Optional[int] = None,
+                  wait_timeout_s: float = 3600.0) -> tokenizers.Tokenizer:
+  """The tokenizer `data_config.tokenizer` names.
+
+  For 'sentencepiece' without `spm_model_path`, process 0 trains
+  `<workdir>/spm.model` (`spm_vocab_size` pieces) on the training split of
+  the dataset unless it is already there (a restarted run reuses it); the
+  other processes wait for the file. Then set `config.model.vocab_size` to
+  `tokenizer.vocab_size`.
+  """
+  settings = data_config.tokenizer
+  if settings.kind == 'bytes':
+    return tokenizers.ByteTokenizer()
+  # DataConfig admits only 'bytes' and 'sentencepiece'.
+  if settings.spm_model_path:
+    return tokenizers.SentencePieceTokenizer(settings.spm_model_path)
+  if not workdir:
+    raise ValueError('Training a SentencePiece model needs a workdir (or set '
+                     'config.tokenizer.spm_model_path).')
+  model_path = os.path.join(workdir, 'spm.model')
+  if process_index is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index()
+  if not os.path.exists(model_path):
+    if process_index == 0:
+      tokenizers.train_sentencepiece(sources.training_texts(data_config.dataset), model_path,
+                                     settings.spm_vocab_size)
+    else:
+      wait_for_file(model_path, wait_timeout_s)
+  return tokenizers.SentencePieceTokenizer(model_path)
+
+
+def process_slice(batch_size: int, process_index: Optional[int], process_count: Optional[int]):
   """(process_index, process_count, per-process batch size), checked."""
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  if config.batch_size % process_count:
-    raise ValueError(f'config.batch_size = {config.batch_size} is not divisible by the '
+  if batch_size % process_count:
+    raise ValueError(f'config.batch_size = {batch_size} is not divisible by the '
                      f'number of processes ({process_count}).')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count}).')
-  return process_index, process_count, config.batch_size // process_count
+  return process_index, process_count, batch_size // process_count
 
 
-def check_task_kind(config) -> None:
-  """An encoder-decoder needs a target feature; a decoder-only LM cannot use one."""
-  model_kind = config.get('model', {}).get('kind', None)
-  if model_kind == 'encoder_decoder' and not is_seq2seq(config):
-    raise ValueError(f"config.model.kind = 'encoder_decoder' needs a seq2seq dataset: set "
-                     f'config.dataset.target_key (dataset {config.dataset.name!r}).')
-  if model_kind == 'lm' and is_seq2seq(config):
-    raise ValueError(f"config.dataset.target_key = {config.dataset.target_key!r} makes "
-                     f"{config.dataset.name!r} seq2seq, but config.model.kind = 'lm'; set "
-                     "config.model.kind = 'encoder_decoder' or clear target_key.")
-
-
-def _checked_source(config, split):
-  source = sources.get_data_source(config.dataset, split)
+def _checked_source(dataset_config: DatasetConfig, split: str):
+  source = sources.get_data_source(dataset_config, split)
   info = getattr(source, 'dataset_info', None)
   if info is not None:
-    sources.check_feature_keys(config.dataset, info.features)
+    sources.check_feature_keys(dataset_config, info.features)
   return source
 
 
@@ -121,97 +158,94 @@ def _rows_of_process(batch, *, process_index, local_batch):
   return {key: value[rows] for key, value in batch.items()}
 
 
-def _lm_rows(pieces: grain.IterDataset, seq_len: int, *, pack: bool, num_bins: int,
-             seed: int, shuffle: bool) -> grain.IterDataset:
-  if pack:
-    return lm_examples.pack_pieces(pieces, seq_len, num_bins=num_bins, seed=seed,
-                                   shuffle_bins=shuffle)
-  return pieces.map(functools.partial(lm_examples.pad_piece, seq_len=seq_len))
+def _rows(data_config: DataConfig, documents: grain.MapDataset,
+          tokenizer: tokenizers.Tokenizer, seq_len: int, *, train: bool, num_bins: int,
+          with_text: bool = False) -> grain.IterDataset:
+  """The rows of a text dataset: one seq2seq row per example, or packed LM windows.
+
+  Training takes the windows of INTERLEAVED_DOCUMENTS documents in turn and
+  shuffles the packing bins (seeded); evaluation reads documents in order and
+  packs without shuffling, so its batches are the same on every run.
+  """
+  dataset = data_config.dataset
+  read_options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER)
+  if data_config.seq2seq:
+    return documents.map(functools.partial(
+        _seq2seq_example, tokenizer=tokenizer, input_key=dataset.input_key,
+        target_key=dataset.target_key, seq_len=seq_len, target_len=data_config.target_len,
+        with_text=with_text)).to_iter_dataset(read_options)
+  tokens = documents.map(functools.partial(
+      _tokenize_document, tokenizer=tokenizer, key=dataset.input_key))
+  if train:
+    pieces = lm_examples.interleaved_pieces(tokens, seq_len, cycle_length=INTERLEAVED_DOCUMENTS)
+  else:
+    pieces = grain.experimental.FlatMapIterDataset(tokens.to_iter_dataset(read_options),
+                                                    lm_examples.DocumentToPieces(seq_len))
+  if not dataset.pack:
+    return pieces.map(functools.partial(lm_examples.pad_piece, seq_len=seq_len))
+  return lm_examples.pack_pieces(pieces, seq_len, num_bins=num_bins,
+                                 seed=data_config.seed if train else 0, shuffle_bins=train)
 
 
-def _prefetched(dataset: grain.IterDataset, config) -> grain.IterDataset:
-  if config.dataset.num_workers > 0:
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.dataset.num_workers))
-  if config.dataset.prefetch > 0:
+def _prefetched(dataset: grain.IterDataset, dataset_config: DatasetConfig) -> grain.IterDataset:
+  if dataset_config.num_workers > 0:
+    dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=dataset_config.num_workers))
+  if dataset_config.prefetch > 0:
     dataset = grain.experimental.ThreadPrefetchIterDataset(
-        dataset, prefetch_buffer_size=config.dataset.prefetch)
+        dataset, prefetch_buffer_size=dataset_config.prefetch)
   return dataset
 
 
-def build_train_iterator(config, tokenizer: tokenizers.Tokenizer, *,
+def build_train_iterator(data_config: DataConfig, tokenizer: tokenizers.Tokenizer, *,
                          process_index: Optional[int] = None,
                          process_count: Optional[int] = None):
   """Infinite, checkpointable iterator of this process's training batches."""
-  process_index, process_count, local_batch = process_slice(config, process_index, process_count)
-  check_task_kind(config)
-  seed = int(config.seed)
-  seq_len = int(config.seq_len)
-  name = config.dataset.name
-
-  if sources.is_synthetic(name):
-    task = synthetic.make_task(config, tokenizer, split='train', seq_len=seq_len,
-                               filler_tokens=synthetic.filler_tokens(config, tokenizer, 'train'))
+  process_index, process_count, local_batch = process_slice(
+      data_config.batch_size, process_index, process_count)
+  seed, seq_len = data_config.seed, data_config.seq_len
+  if data_config.synthetic:
+    task = synthetic.make_task(
+        data_config, tokenizer, split='train', seq_len=seq_len,
+        filler_tokens=synthetic.filler_tokens(data_config, tokenizer, 'train'))
     rows = (grain.MapDataset.source(task)[process_index::process_count]
             .shuffle(seed).repeat().to_iter_dataset())
   else:
-    source = _checked_source(config, config.dataset.split_train)
+    source = _checked_source(data_config.dataset, data_config.dataset.split_train)
     documents = grain.MapDataset.source(source)[process_index::process_count].shuffle(seed).repeat()
-    read_options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER)
-    if is_seq2seq(config):
-      rows = documents.map(functools.partial(
-          _seq2seq_example, tokenizer=tokenizer, input_key=config.dataset.input_key,
-          target_key=config.dataset.target_key, seq_len=seq_len,
-          target_len=int(config.target_len), with_text=False)).to_iter_dataset(read_options)
-    else:
-      tokens = documents.map(functools.partial(
-          _tokenize_document, tokenizer=tokenizer, key=config.dataset.input_key))
-      pieces = lm_examples.interleaved_pieces(tokens, seq_len, cycle_length=INTERLEAVED_DOCUMENTS)
-      rows = _lm_rows(pieces, seq_len, pack=config.dataset.pack,
-                      num_bins=max(4 * local_batch, 16), seed=seed, shuffle=True)
+    rows = _rows(data_config, documents, tokenizer, seq_len, train=True,
+                 num_bins=max(4 * local_batch, 16))
   batches = rows.batch(local_batch, drop_remainder=True)
-  return iter(_prefetched(batches, config))
+  return iter(_prefetched(batches, data_config.dataset))
 
 
-def build_eval_iterator(config, tokenizer: tokenizers.Tokenizer, *, seq_len: Optional[int] = None,
-                        process_index: Optional[int] = None, process_count: Optional[int] = None,
+def build_eval_iterator(data_config: DataConfig, tokenizer: tokenizers.Tokenizer, *,
+                        seq_len: Optional[int] = None, process_index: Optional[int] = None,
+                        process_count: Optional[int] = None,
                         with_text: bool = False) -> grain.IterDataset:
   """Finite, deterministic, re-iterable batches of the eval split for this process.
 
   seq_len: LM window / seq2seq source / synthetic length; default
-    `config.eval_seq_len` if > 0, else `config.seq_len`.
+    `data_config.eval_seq_len`.
   with_text: seq2seq only; adds `inputs_text` and `targets_text` (lists of
     str, '' on padding rows) for decoding metrics.
   """
-  process_index, _, local_batch = process_slice(config, process_index, process_count)
-  check_task_kind(config)
-  if seq_len is None:
-    seq_len = config.eval_seq_len if config.eval_seq_len > 0 else config.seq_len
-  seq_len = int(seq_len)
-  global_batch = int(config.batch_size)
-  name = config.dataset.name
-  if with_text and not is_seq2seq(config):
+  process_index, _, local_batch = process_slice(data_config.batch_size, process_index,
+                                                process_count)
+  seq_len = data_config.eval_seq_len if seq_len is None else int(seq_len)
+  global_batch = data_config.batch_size
+  if with_text and not data_config.seq2seq:
     raise ValueError('with_text=True is for seq2seq datasets (config.dataset.target_key).')
 
-  if sources.is_synthetic(name):
-    task = synthetic.make_task(config, tokenizer, split='eval', seq_len=seq_len,
-                               filler_tokens=synthetic.filler_tokens(config, tokenizer, 'eval'))
+  if data_config.synthetic:
+    task = synthetic.make_task(
+        data_config, tokenizer, split='eval', seq_len=seq_len,
+        filler_tokens=synthetic.filler_tokens(data_config, tokenizer, 'eval'))
     rows = grain.MapDataset.source(task).to_iter_dataset()
   else:
-    source = _checked_source(config, config.dataset.split_eval)
-    documents = grain.MapDataset.source(source)
-    read_options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER)
-    if is_seq2seq(config):
-      rows = documents.map(functools.partial(
-          _seq2seq_example, tokenizer=tokenizer, input_key=config.dataset.input_key,
-          target_key=config.dataset.target_key, seq_len=seq_len,
-          target_len=int(config.target_len), with_text=with_text)).to_iter_dataset(read_options)
-    else:
-      tokens = documents.map(functools.partial(
-          _tokenize_document, tokenizer=tokenizer, key=config.dataset.input_key))
-      pieces = grain.experimental.FlatMapIterDataset(tokens.to_iter_dataset(read_options),
-                                                      lm_examples.DocumentToPieces(seq_len))
-      rows = _lm_rows(pieces, seq_len, pack=config.dataset.pack,
-                      num_bins=max(global_batch, 16), seed=0, shuffle=False)
+    source = _checked_source(data_config.dataset, data_config.dataset.split_eval)
+    rows = _rows(data_config, grain.MapDataset.source(source), tokenizer, seq_len, train=False,
+                 num_bins=max(global_batch, 16), with_text=with_text)
   batches = rows.batch(global_batch, drop_remainder=False,
                        batch_fn=functools.partial(stack_rows, batch_size=global_batch))
   return batches.map(functools.partial(_rows_of_process, process_index=process_index,

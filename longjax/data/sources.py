@@ -1,12 +1,14 @@
-"""From `config.dataset.name` to a random-access data source.
+"""From a dataset name to a random-access data source.
 
-Every non-synthetic name goes through `tfds.data_source` (array_record read by
-grain, no TensorFlow): the embedded builders (`longjax.data.embedded`) are
-built there on first use; any other name is a tfds dataset that must be
-prepared in `config.dataset.data_dir` (or downloadable from there).
+The functions here take a `DatasetConfig` (`config.dataset`, typed; see
+`longjax.data.config`). Every non-synthetic name goes through
+`tfds.data_source` (array_record read by grain, no TensorFlow): the embedded
+builders (`longjax.data.embedded`) are built there on first use; any other
+name is a tfds dataset that must be prepared in `data_dir` (or downloadable
+from there).
 
 `longjax_bible_en_es` without an explicit config ('longjax_bible_en_es/verses_16')
-takes its config from `config.dataset.verses_per_example`.
+takes its config from `verses_per_example`.
 """
 from __future__ import annotations
 
@@ -17,10 +19,15 @@ import tensorflow_datasets as tfds
 
 from longjax.data import embedded
 from longjax.data import tokenizers
+from longjax.data.config import base_name
+from longjax.data.config import DatasetConfig
+from longjax.data.config import is_synthetic
+from longjax.data.config import SYNTHETIC_TASKS
 from longjax.data.embedded import bible_en_es
 
 EMBEDDED_DATASETS = tuple(embedded.BUILDERS)
-SYNTHETIC_TASKS = ('passkey', 'associative_recall', 'selective_copy')
+# base_name, is_synthetic and SYNTHETIC_TASKS are defined in `config` (DataConfig
+# needs them there, without importing tfds) and stay importable from here.
 
 
 @functools.cache
@@ -39,20 +46,11 @@ def register_tfds_builders() -> None:
       pass
 
 
-def base_name(name: str) -> str:
-  """'wmt14_translate/de-en:1.0.0' -> 'wmt14_translate'."""
-  return name.split('/')[0].split(':')[0]
-
-
-def is_synthetic(name: str) -> bool:
-  return base_name(name) in SYNTHETIC_TASKS
-
-
-def builder_kwargs_for(dataset_config) -> dict[str, Any]:
+def builder_kwargs_for(dataset_config: DatasetConfig) -> dict[str, Any]:
   """Extra builder arguments the config implies (the Bible's verses per example)."""
   name = dataset_config.name
   if base_name(name) == bible_en_es.LongjaxBibleEnEs.name and '/' not in name:
-    return {'config': bible_en_es.config_for(int(dataset_config.verses_per_example))}
+    return {'config': bible_en_es.config_for(dataset_config.verses_per_example)}
   return {}
 
 
@@ -63,8 +61,8 @@ def unknown_dataset_message(name: str, error: Exception) -> str:
           f'({", ".join(SYNTHETIC_TASKS)}).')
 
 
-def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
-  """The tfds builder of `config.dataset` (resolving only; nothing is built)."""
+def get_builder(dataset_config: DatasetConfig) -> tfds.core.DatasetBuilder:
+  """The tfds builder of the dataset (resolving only; nothing is built)."""
   register_tfds_builders()
   name = dataset_config.name
   if is_synthetic(name):
@@ -76,8 +74,8 @@ def get_builder(dataset_config) -> tfds.core.DatasetBuilder:
     raise ValueError(unknown_dataset_message(name, error)) from error
 
 
-def get_data_source(dataset_config, split: str):
-  """A random-access source (len, [i]) of feature dicts for one split of `config.dataset`.
+def get_data_source(dataset_config: DatasetConfig, split: str):
+  """A random-access source (len, [i]) of feature dicts for one split of the dataset.
 
   Embedded datasets are built here on first use.
   """
@@ -98,7 +96,7 @@ def data_source(name: str, split: str, *, data_dir: str = '', builder_kwargs=Non
     raise ValueError(unknown_dataset_message(name, error)) from error
 
 
-def check_feature_keys(dataset_config, features) -> None:
+def check_feature_keys(dataset_config: DatasetConfig, features) -> None:
   """Raises when the config names a feature the dataset does not have."""
   for field in ('input_key', 'target_key'):
     key = getattr(dataset_config, field)
@@ -107,14 +105,15 @@ def check_feature_keys(dataset_config, features) -> None:
                        f'{dataset_config.name!r}; it has {sorted(features)}.')
 
 
-def training_texts(config, max_examples: Optional[int] = None) -> Iterator[Any]:
+def training_texts(dataset_config: DatasetConfig,
+                   max_examples: Optional[int] = None) -> Iterator[Any]:
   """The input (and target) texts of the training split, for tokenizer training."""
-  if is_synthetic(config.dataset.name):
+  if dataset_config.synthetic:
     raise ValueError(
         'A SentencePiece model cannot be trained on a synthetic task; set '
         'config.tokenizer.spm_model_path or use the byte tokenizer.')
-  source = get_data_source(config.dataset, config.dataset.split_train)
-  keys = [key for key in (config.dataset.input_key, config.dataset.target_key) if key]
+  source = get_data_source(dataset_config, dataset_config.split_train)
+  keys = [key for key in (dataset_config.input_key, dataset_config.target_key) if key]
   count = len(source) if max_examples is None else min(len(source), max_examples)
   for index in range(count):
     example = source[index]

@@ -2,7 +2,7 @@
 
 Each task is a random-access source of LM rows (the format of `lm_examples`,
 one example per row, no packing): example i of a split is a function of
-(config.seed, split, i) only, so any process, resumed run or evaluation at
+(seed, split, i) only, so any process, resumed run or evaluation at
 another length regenerates it exactly. `weights` is 1 exactly on the answer
 tokens, so the trainer's weighted token accuracy *is* the answer accuracy
 (`answer_accuracy` below also gives exact match). Rows are written in
@@ -56,6 +56,7 @@ import numpy as np
 
 from longjax.data import sources
 from longjax.data import tokenizers
+from longjax.data.config import DataConfig
 
 SPLIT_CODES = {'train': 0, 'eval': 1}
 PRETRAINING_CORPUS = 'longjax_pystdlib'  # Natural passkey filler.
@@ -160,8 +161,6 @@ class Passkey(SyntheticTask):
     if self.filler_length < 0:
       raise ValueError(f'passkey: seq_len {self.seq_len} is too short for '
                        f'{digits} digits (needs >= {2 * digits + 3}).')
-    if depth != -1 and not 0.0 <= depth <= 1.0:
-      raise ValueError(f'config.synthetic.passkey_depth must be in [0, 1] or -1, got {depth}.')
     self.filler_tokens = None
     if filler_tokens is not None:
       # Markers inside natural text would be false needles.
@@ -195,9 +194,7 @@ class AssociativeRecall(SyntheticTask):
 
   def __init__(self, *, num_pairs: int, num_queries: int, **kwargs):
     super().__init__(**kwargs)
-    if not 1 <= num_queries <= num_pairs <= len(KEY_CHARS):
-      raise ValueError(f'associative_recall needs 1 <= num_queries ({num_queries}) <= '
-                       f'num_pairs ({num_pairs}) <= {len(KEY_CHARS)}.')
+    # DataConfig checked 1 <= num_queries <= num_pairs <= MAX_RECALL_PAIRS (= len(KEY_CHARS)).
     self.num_pairs = num_pairs
     self.num_queries = num_queries
     self.gap_length = self.seq_len - 2 * num_pairs - 2 * num_queries - 1
@@ -227,7 +224,7 @@ class SelectiveCopy(SyntheticTask):
     super().__init__(**kwargs)
     self.copy_tokens = copy_tokens
     self.region_length = self.seq_len - copy_tokens - 1
-    if copy_tokens < 1 or self.region_length < copy_tokens:
+    if self.region_length < copy_tokens:
       raise ValueError(f'selective_copy: seq_len {self.seq_len} is too short to copy '
                        f'{copy_tokens} tokens.')
 
@@ -243,15 +240,16 @@ class SelectiveCopy(SyntheticTask):
 TASKS = {task.name: task for task in (Passkey, AssociativeRecall, SelectiveCopy)}
 
 
-def filler_tokens(config, tokenizer: tokenizers.Tokenizer, split: str) -> Optional[np.ndarray]:
+def filler_tokens(data_config: DataConfig, tokenizer: tokenizers.Tokenizer,
+                  split: str) -> Optional[np.ndarray]:
   """Natural passkey filler: the pretraining corpus (train or validation files) as one stream.
 
-  None unless config asks for passkey with filler 'text'.
+  None unless the dataset is passkey with filler 'text'.
   """
-  if config.dataset.name != 'passkey' or config.synthetic.filler != 'text':
+  if data_config.dataset.name != 'passkey' or data_config.synthetic_tasks.filler != 'text':
     return None
   source = sources.data_source(PRETRAINING_CORPUS, 'train' if split == 'train' else 'validation',
-                               data_dir=config.dataset.data_dir)
+                               data_dir=data_config.dataset.data_dir)
   newline = tokenizer.encode_to_array('\n')
   documents = []
   for index in range(len(source)):
@@ -259,26 +257,24 @@ def filler_tokens(config, tokenizer: tokenizers.Tokenizer, split: str) -> Option
   return np.concatenate(documents)
 
 
-def make_task(config, tokenizer: tokenizers.Tokenizer, *, split: str, seq_len: int,
-              filler_tokens: Optional[np.ndarray] = None) -> SyntheticTask:
-  """The task `config.dataset.name` names, for split 'train' or 'eval'."""
-  synthetic = config.synthetic
-  num_examples = synthetic.num_train_examples if split == 'train' else synthetic.num_eval_examples
-  common = dict(seq_len=seq_len, num_examples=num_examples, seed=config.seed, split=split,
+def make_task(data_config: DataConfig, tokenizer: tokenizers.Tokenizer, *, split: str,
+              seq_len: int, filler_tokens: Optional[np.ndarray] = None) -> SyntheticTask:
+  """The task `data_config.dataset.name` names, for split 'train' or 'eval'."""
+  settings = data_config.synthetic_tasks
+  num_examples = settings.num_train_examples if split == 'train' else settings.num_eval_examples
+  common = dict(seq_len=seq_len, num_examples=num_examples, seed=data_config.seed, split=split,
                 tokenizer=tokenizer)
-  name = config.dataset.name
+  name = data_config.dataset.name
   if name == 'passkey':
-    if synthetic.filler == 'text' and filler_tokens is None:
+    if settings.filler == 'text' and filler_tokens is None:
       raise ValueError("passkey with config.synthetic.filler = 'text' needs filler_tokens.")
-    if synthetic.filler not in ('random', 'text'):
-      raise ValueError(f"config.synthetic.filler must be 'random' or 'text', got {synthetic.filler!r}.")
-    return Passkey(digits=synthetic.passkey_digits, depth=synthetic.passkey_depth,
-                   filler_tokens=filler_tokens if synthetic.filler == 'text' else None, **common)
+    return Passkey(digits=settings.passkey_digits, depth=settings.passkey_depth,
+                   filler_tokens=filler_tokens if settings.filler == 'text' else None, **common)
   if name == 'associative_recall':
-    return AssociativeRecall(num_pairs=synthetic.num_pairs, num_queries=synthetic.num_queries,
+    return AssociativeRecall(num_pairs=settings.num_pairs, num_queries=settings.num_queries,
                              **common)
   if name == 'selective_copy':
-    return SelectiveCopy(copy_tokens=synthetic.copy_tokens, **common)
+    return SelectiveCopy(copy_tokens=settings.copy_tokens, **common)
   raise ValueError(f'Unknown synthetic task {name!r}; known: {sorted(TASKS)}.')
 
 

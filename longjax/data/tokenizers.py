@@ -6,9 +6,11 @@ depend on which tokenizer made them:
   - `ByteTokenizer`: byte b is id b + 3; vocab 259 (`config.model.vocab_size`'s
     default). Any text round-trips exactly.
   - `SentencePieceTokenizer`: a model from `config.tokenizer.spm_model_path`,
-    or one trained by `get_tokenizer` into `<workdir>/spm.model` from the
-    training split (unk = 3, byte fallback, no normalisation, so code
-    indentation and any text round-trip exactly).
+    or one `train_sentencepiece` trained (unk = 3, byte fallback, no
+    normalisation, so code indentation and any text round-trip exactly).
+
+Which tokenizer a run uses, and training one into `<workdir>/spm.model` from
+the dataset, is `pipeline.get_tokenizer`'s job: this module knows no datasets.
 
 Bits per byte: `token_byte_lengths[id]` is how many UTF-8 bytes a token stands
 for (0 for specials), so a trainer computes
@@ -23,8 +25,7 @@ from __future__ import annotations
 import abc
 import os
 import tempfile
-import time
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 import numpy as np
 
@@ -204,46 +205,3 @@ def train_sentencepiece(texts: Iterable[Text], model_path: str, vocab_size: int,
     # Other processes poll for model_path: it must appear complete or not at all.
     os.replace(prefix + '.model', model_path)
   return model_path
-
-
-def wait_for_file(path: str, timeout_s: float, poll_s: float = 1.0) -> None:
-  deadline = time.monotonic() + timeout_s
-  while not os.path.exists(path):
-    if time.monotonic() > deadline:
-      raise TimeoutError(f'{path} did not appear within {timeout_s:.0f} s (process 0 trains it).')
-    time.sleep(poll_s)
-
-
-def get_tokenizer(config, workdir: Optional[str], *, process_index: Optional[int] = None,
-                  wait_timeout_s: float = 3600.0) -> Tokenizer:
-  """The tokenizer `config.tokenizer` names.
-
-  For 'sentencepiece' without `spm_model_path`, process 0 trains
-  `<workdir>/spm.model` (`spm_vocab_size` pieces) on the training split of
-  `config.dataset` unless it is already there (a restarted run reuses it);
-  the other processes wait for the file. Then set `config.model.vocab_size`
-  to `tokenizer.vocab_size`.
-  """
-  kind = config.tokenizer.kind
-  if kind == 'bytes':
-    return ByteTokenizer()
-  if kind != 'sentencepiece':
-    raise ValueError(f"config.tokenizer.kind must be 'bytes' or 'sentencepiece', got {kind!r}.")
-  if config.tokenizer.spm_model_path:
-    return SentencePieceTokenizer(config.tokenizer.spm_model_path)
-  if not workdir:
-    raise ValueError('Training a SentencePiece model needs a workdir (or set '
-                     'config.tokenizer.spm_model_path).')
-  model_path = os.path.join(workdir, 'spm.model')
-  if process_index is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index()
-  if not os.path.exists(model_path):
-    if process_index == 0:
-      from longjax.data import sources  # pylint: disable=g-import-not-at-top
-      train_sentencepiece(sources.training_texts(config), model_path,
-                          config.tokenizer.spm_vocab_size)
-    else:
-      wait_for_file(model_path, wait_timeout_s)
-  return SentencePieceTokenizer(model_path)
-

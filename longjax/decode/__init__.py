@@ -5,7 +5,8 @@
     settings = decode.DecodeSettings.from_config(config.decode)
     out = decode.generate(graphdef, params, prompts, lengths, settings=settings)     # LM
     out = decode.generate_seq2seq(graphdef, params, inputs, segment_ids, settings=settings)
-    metrics = decode.decode_and_score(config, workdir, model, tokenizer, step=step)
+    metrics = decode.decode_and_score(data_config, settings, workdir, model, tokenizer,
+                                      step=step)   # data_config: longjax.data.DataConfig
 
 Modules: `sampling` (greedy / temperature / top-k / top-p), `search` (the
 model-agnostic sampling loop and beam search), `generate` (the models'

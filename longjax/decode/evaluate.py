@@ -1,14 +1,14 @@
 """Decoding evaluation: generate for the eval split, write predictions, score them.
 
-    metrics = decode_and_score(config, workdir, model, tokenizer, step=step)
+    metrics = decode_and_score(data_config, settings, workdir, model, tokenizer, step=step)
     # -> {'rouge1', 'rouge2', 'rougeL', 'bleu', 'exact_match', 'num_examples', ...}
     # and <workdir>/decode/predictions_step<step>.jsonl: {"source", "prediction", "reference"}
 
 What is generated:
-  * seq2seq configs (config.dataset.target_key): the target of each source,
-    by beam search when config.decode.beam_size > 1, else greedy/sampling;
+  * seq2seq data (`data_config.seq2seq`): the target of each source,
+    by beam search when settings.beam_size > 1, else greedy/sampling;
     the reference is the raw target text.
-  * LM configs: each row's first document is cut into a prompt and an answer.
+  * LM data: each row's first document is cut into a prompt and an answer.
     When the weights mark only some targets (the synthetic tasks: the
     passkey, the copied tokens, a recalled value), the answer is the first
     run of weighted targets and the prompt everything before it; when every
@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from longjax import data
+from longjax import files
 from longjax import sharding
 from longjax.decode import generate as generate_lib
 
@@ -165,38 +166,38 @@ def _check_single_process():
                               'decode from one process over a mesh of its devices.')
 
 
-def decode_and_score(config, workdir: str, model, tokenizer, *, step: int = 0, mesh=None,
-                     rules=sharding.DEFAULT_RULES, num_batches: Optional[int] = None) -> dict:
+def decode_and_score(data_config: data.DataConfig, settings: generate_lib.DecodeSettings,
+                     workdir: str, model, tokenizer, *, step: int = 0, seed: int = 0,
+                     num_batches: Optional[int] = None, mesh=None,
+                     rules=sharding.DEFAULT_RULES) -> dict:
   """Decodes the eval split, writes the predictions and returns the scores.
 
   Args:
-    config: the run's config (dataset, seq_len/eval_seq_len, batch_size,
-      num_eval_steps, decode).
+    data_config: the run's data (the eval split, its length and batch size).
+    settings: how to decode.
     workdir: predictions go to <workdir>/decode/predictions_step<step>.jsonl.
     model: a TransformerLM or EncoderDecoder with the parameters to evaluate, or
       its `(graphdef, params)` (e.g. a TrainState's params, placed on `mesh`).
     tokenizer: the run's tokenizer.
     step: the training step, for the file name.
+    seed: sampling seed (batch i samples with fold_in(key(seed), i)).
+    num_batches: eval batches to decode; None = the whole eval split.
     mesh, rules: decode under the training layouts (see generate.py).
-    num_batches: eval batches to decode; default config.num_eval_steps (-1 = all).
   Returns:
     {'rouge1', 'rouge2', 'rougeL', 'bleu', 'exact_match', 'num_examples',
      'decode_seconds', 'generated_tokens_per_s'} (scores: `score_texts`).
   """
   _check_single_process()
-  seq2seq = data.is_seq2seq(config)
-  settings = generate_lib.DecodeSettings.from_config(config.decode)
+  seq2seq = data_config.seq2seq
   graphdef, params = _split(model)
-  if num_batches is None:
-    num_batches = int(config.num_eval_steps)
-  batches = data.build_eval_iterator(config, tokenizer, with_text=seq2seq, process_index=0,
+  batches = data.build_eval_iterator(data_config, tokenizer, with_text=seq2seq, process_index=0,
                                      process_count=1)
   rows, generated = [], 0
   start = time.perf_counter()
   for index, batch in enumerate(batches):
-    if 0 <= num_batches <= index:
+    if num_batches is not None and index >= num_batches:
       break
-    rng = jax.random.fold_in(jax.random.key(int(config.seed)), index)
+    rng = jax.random.fold_in(jax.random.key(seed), index)
     decoded, count = _decode_rows(graphdef, params, batch, tokenizer, settings=settings,
                                   seq2seq=seq2seq, rng=rng, mesh=mesh, rules=rules)
     rows.extend(decoded)
@@ -205,42 +206,39 @@ def decode_and_score(config, workdir: str, model, tokenizer, *, step: int = 0, m
 
   folder = os.path.join(workdir, PREDICTIONS_DIR)
   os.makedirs(folder, exist_ok=True)
-  path = os.path.join(folder, f'predictions_step{int(step)}.jsonl')
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + '\n')
-  os.replace(path + '.tmp', path)
+  files.write_atomically(os.path.join(folder, f'predictions_step{int(step)}.jsonl'),
+                         ''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows))
 
   metrics = score_texts([r['prediction'] for r in rows], [r['reference'] for r in rows])
   metrics.update(decode_seconds=seconds, generated_tokens_per_s=generated / max(seconds, 1e-9))
   return metrics
 
 
-def sample_texts(config, model, tokenizer, batch=None, *, num_examples: Optional[int] = None,
-                 mesh=None, rules=sharding.DEFAULT_RULES) -> list[dict]:
+def sample_texts(data_config: data.DataConfig, settings: generate_lib.DecodeSettings, model,
+                 tokenizer, batch=None, *, num_examples: int, seed: int = 0, mesh=None,
+                 rules=sharding.DEFAULT_RULES) -> list[dict]:
   """Decodes a few eval examples for logging during training.
 
   Args:
-    config, tokenizer, mesh, rules: as in `decode_and_score`.
+    data_config, settings, tokenizer, mesh, rules: as in `decode_and_score`.
     model: the model, or its `(graphdef, params)`.
     batch: an eval batch (seq2seq: with text); default the eval split's first.
-    num_examples: rows decoded from the batch; default config.decode.num_examples.
+    num_examples: rows decoded from the batch (the first ones).
+    seed: sampling seed.
   Returns:
     [{'source', 'prediction', 'reference'}], text (see `format_samples`).
   """
   _check_single_process()
-  seq2seq = data.is_seq2seq(config)
+  seq2seq = data_config.seq2seq
   if batch is None:
-    batch = next(iter(data.build_eval_iterator(config, tokenizer, with_text=seq2seq,
+    batch = next(iter(data.build_eval_iterator(data_config, tokenizer, with_text=seq2seq,
                                                process_index=0, process_count=1)))
-  count = int(config.decode.num_examples if num_examples is None else num_examples)
-  if count <= 0:
+  if num_examples <= 0:
     return []
-  batch = {key: value[:count] for key, value in batch.items()}
+  batch = {key: value[:num_examples] for key, value in batch.items()}
   graphdef, params = _split(model)
-  settings = generate_lib.DecodeSettings.from_config(config.decode)
   return decode_rows(graphdef, params, batch, tokenizer, settings=settings, seq2seq=seq2seq,
-                     rng=jax.random.key(int(config.seed)), mesh=mesh, rules=rules)
+                     rng=jax.random.key(seed), mesh=mesh, rules=rules)
 
 
 def format_samples(samples: list[dict], max_chars: int = 2000) -> str:

@@ -1,17 +1,17 @@
 """Attention layers: projections around a kernel chosen by name.
 
 `SelfAttention` projects to queries, keys and values (grouped-query when
-num_kv_heads < num_heads), applies rotary embeddings, and calls the kernel
-`longjax.attention.get(kind)` with the kind's settings. It never knows how a
-kernel computes; adding a kind to the registry makes it available here.
-
-Adaptive span keeps its learnable span per head here: a fraction in [0, 1]
-of `max_span` per head, reported back (mean span and the span penalty) so the
-trainer can add the penalty to the loss.
+num_kv_heads < num_heads), applies rotary embeddings, and calls the kernel of
+its kind's registry entry (`longjax.attention.spec(kind)`) with the settings
+that entry names. It never knows how a kernel computes, nor compares kind
+names: what a kind needs from the layer is in its entry (`learns_spans`: a
+learnable span per head, as a fraction in [0, 1] of `max_span`, reported back
+with the span penalty; `accepts_global_mask`: the task's marked tokens).
 
 Decoding: `prefill` runs the kernel over prompts and returns the layer's
-key/value cache (`longjax.models.cache`); `decode_step` adds one token's key
-and value and attends its cache exactly as the kernel would.
+key/value cache (`longjax.models.cache`, laid out by the entry's
+`cache_layout`); `decode_step` adds one token's key and value and attends the
+cache with the entry's decode rule, exactly as the kernel would.
 """
 from __future__ import annotations
 
@@ -27,24 +27,13 @@ from longjax.models import layers
 from longjax.models.config import ModelConfig
 
 
-def kernel_kwargs(config: ModelConfig, kind: str) -> dict:
-  """The registered kernel's settings from the config (all but adaptive spans)."""
-  a = config.attention
-  settings = dict(radius=a.radius, num_global=a.num_global, block_size=a.block_size,
-                  max_span=a.max_span, ramp=a.span_ramp)
-  kwargs = {p: settings[p] for p in kernels.spec(kind).params if p in settings}
-  if kind in ('full', 'local'):
-    kwargs['implementation'] = a.implementation
-  return kwargs
-
-
 class _Projections(nnx.Module):
   """Query, key, value and output weights shared by both attention layers."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
-    e, h, hk, d = config.emb_dim, config.num_heads, config.kv_heads, config.dim_per_head
-    pd = config.weight_dtype
+    e, h, hk, d = config.emb_dim, config.num_heads, config.num_kv_heads, config.head_dim
+    pd = config.param_dtype
     self.wq = layers.param(rngs, layers.normal(e ** -0.5), (e, h, d), ('embed', 'heads', 'kv'), pd)
     self.wk = layers.param(rngs, layers.normal(e ** -0.5), (e, hk, d),
                            ('embed', 'kv_heads', 'kv'), pd)
@@ -54,7 +43,7 @@ class _Projections(nnx.Module):
                            ('heads', 'kv', 'embed'), pd)
 
   def _w(self, p):
-    return p[...].astype(self.config.compute_dtype)
+    return p[...].astype(self.config.dtype)
 
   def output(self, out):
     out = checkpoint_name(out, 'attention_out')
@@ -68,13 +57,18 @@ class SelfAttention(_Projections):
     super().__init__(config, rngs=rngs)
     self.kind = kind
     self.causal = causal
-    if kind == 'adaptive_span':
+    if self.spec.learns_spans:
       init = jax.nn.initializers.constant(config.attention.span_init)
       self.span_fraction = layers.param(rngs, init, (config.num_heads,), ('heads',),
                                         jnp.float32)
 
+  @property
+  def spec(self) -> kernels.KindSpec:
+    """The registry entry of this layer's attention kind."""
+    return kernels.spec(self.kind)
+
   def spans(self):
-    """Span of each head in tokens (adaptive_span only)."""
+    """Span of each head in tokens (kinds that learn spans)."""
     fraction = jnp.clip(self.span_fraction[...], 0.0, 1.0)
     return fraction * self.config.attention.max_span
 
@@ -91,47 +85,63 @@ class SelfAttention(_Projections):
     v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
     return q, k, v
 
-  def __call__(self, x, *, positions, segment_ids=None, global_mask=None, bias_fn=None):
-    """x [b, l, emb] -> ([b, l, emb], aux) with aux holding the mean span if adaptive.
+  def _uses_marked_globals(self) -> bool:
+    return self.spec.accepts_global_mask and self.config.attention.global_tokens == 'marked'
 
-    global_mask [b, l]: the task's global tokens, for global_local layers with
-    model.attention.global_tokens = 'marked' (ignored otherwise).
-    """
-    q, k, v = self.project(x, positions)
-    settings = kernel_kwargs(self.config, self.kind)
-    aux = {}
-    extra = {}
-    if self.kind == 'adaptive_span':
+  def _attend(self, q, k, v, *, segment_ids, global_mask, bias_fn):
+    """The kernel over q, k, v: (out [b, l, heads, d], aux with the span penalty)."""
+    spec = self.spec
+    settings = spec.settings(self.config.attention)
+    aux, extra = {}, {}
+    if spec.learns_spans:
       extra['spans'] = self.spans()
       aux['span'] = kernels.span_penalty(extra['spans'])
-    if self.kind == 'global_local' and self.config.attention.global_tokens == 'marked':
+    if self._uses_marked_globals():
       if global_mask is None:
         raise ValueError("model.attention.global_tokens = 'marked' needs the batch's "
                          "global_mask (the synthetic tasks give one); use 'prefix' for text.")
       extra['global_mask'] = global_mask.astype(bool)
 
     def kernel(q, k, v, segment_ids, extra):
-      return kernels.get(self.kind)(q, k, v, causal=self.causal, segment_ids=segment_ids,
-                                    bias_fn=bias_fn, **settings, **extra)
+      return spec.fn(q, k, v, causal=self.causal, segment_ids=segment_ids, bias_fn=bias_fn,
+                     implementation=self.config.attention.implementation, **settings, **extra)
 
     if self.config.remat == 'attention':
       # Keep only q, k, v (and the output) for the backward pass: the score
       # tiles, O(length x window) per head, are recomputed instead of stored.
       kernel = jax.checkpoint(kernel, policy=jax.checkpoint_policies.nothing_saveable)
-    out = kernel(q, k, v, segment_ids, extra)
+    return kernel(q, k, v, segment_ids, extra), aux
+
+  def __call__(self, x, *, positions, segment_ids=None, global_mask=None, bias_fn=None):
+    """x [b, l, emb] -> ([b, l, emb], aux) with aux holding the mean span if adaptive.
+
+    global_mask [b, l]: the task's global tokens, for kinds that accept them
+    with model.attention.global_tokens = 'marked' (ignored otherwise).
+    """
+    q, k, v = self.project(x, positions)
+    out, aux = self._attend(q, k, v, segment_ids=segment_ids, global_mask=global_mask,
+                            bias_fn=bias_fn)
     return self.output(out), aux
 
   # Decoding ---------------------------------------------------------------
-  def cache_spec(self, max_length: int) -> kv_cache.LayerSpec:
+  def cache_layout(self, max_length: int) -> kernels.CacheLayout:
     """Layout of this layer's decoding cache for positions 0..max_length-1."""
     if not self.causal:
       raise ValueError('Only causal self-attention decodes with a cache.')
-    return kv_cache.layer_spec(self.config, self.kind, max_length)
+    if max_length < 1:
+      raise ValueError(f'cache max_length must be >= 1; got {max_length}.')
+    if self._uses_marked_globals():
+      raise ValueError(
+          f"Decoding {self.kind} pins the first num_global positions (attention sinks); a "
+          "model trained with model.attention.global_tokens = 'marked' would need every "
+          "earlier key for each marked token. Evaluate it teacher-forced (--mode=eval) "
+          "instead.")
+    return self.spec.cache_layout(self.spec.settings(self.config.attention), max_length)
 
   def init_cache(self, batch: int, max_length: int) -> kv_cache.LayerCache:
     """An empty cache for positions 0..max_length-1."""
-    return kv_cache.init(self.cache_spec(max_length), batch, self.config.kv_heads,
-                         self.config.dim_per_head, self.config.compute_dtype)
+    return kv_cache.init(self.cache_layout(max_length), batch, self.config.num_kv_heads,
+                         self.config.head_dim, self.config.dtype)
 
   def prefill(self, x, *, positions, lengths, max_length: int, bias_fn=None):
     """The forward over prompts (the blocked kernel, as __call__) and the cache it leaves.
@@ -139,13 +149,10 @@ class SelfAttention(_Projections):
     x [b, l, emb] right-padded prompts at positions [b, l], lengths [b] their
     real lengths -> ([b, l, emb], LayerCache for positions up to max_length - 1).
     """
+    layout = self.cache_layout(max_length)
     q, k, v = self.project(x, positions)
-    kwargs = kernel_kwargs(self.config, self.kind)
-    if self.kind == 'adaptive_span':
-      kwargs['spans'] = self.spans()
-    out = kernels.get(self.kind)(q, k, v, causal=self.causal, bias_fn=bias_fn, **kwargs)
-    cache = kv_cache.from_prompt(self.cache_spec(max_length), k, v, lengths)
-    return self.output(out), cache
+    out, _ = self._attend(q, k, v, segment_ids=None, global_mask=None, bias_fn=bias_fn)
+    return self.output(out), kv_cache.from_prompt(layout, k, v, lengths)
 
   def decode_step(self, x, *, positions, cache: kv_cache.LayerCache, bias_fn=None):
     """One token per row: x [b, 1, emb] at positions [b] -> ([b, 1, emb], new cache).
@@ -154,8 +161,10 @@ class SelfAttention(_Projections):
     """
     q, k, v = self.project(x, positions[:, None])
     cache = kv_cache.append(cache, k[:, 0], v[:, 0], positions)
-    spans = self.spans() if self.kind == 'adaptive_span' else None
-    out = kv_cache.attend(cache, q[:, 0], positions, bias_fn=bias_fn, spans=spans)
+    extra = {'spans': self.spans()} if self.spec.learns_spans else {}
+    out = kv_cache.attend(cache, q[:, 0], positions, kind=self.spec,
+                          settings=self.spec.settings(self.config.attention), bias_fn=bias_fn,
+                          **extra)
     return self.output(out[:, None]), cache
 
 

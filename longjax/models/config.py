@@ -1,14 +1,22 @@
-"""Typed, validated model settings, made from the `model` block of a config.
+"""The model's settings: one definition of every `model.*` field, its default and its meaning.
 
-`ModelConfig.from_config(config.model)` turns the ml-collections block into a
-frozen dataclass at the model boundary, so the model code reads typed fields
-and every invalid combination fails here, with the field and the fix named,
-before anything is traced or compiled.
+`longjax/configs/base.py` builds its `model` block from `defaults()` here, so each
+default is written once. `ModelConfig.from_config(config.model)` turns the
+ml-collections block into a frozen dataclass at the boundary: it rejects
+unknown fields, maps the deprecated spellings (with a warning), validates
+every combination (the field and the fix named, before anything is traced
+or compiled) and resolves the sentinels (`-1` = derived), so the model code
+reads typed, final values: `num_kv_heads`, `head_dim`, `num_decoder_layers`
+are ints, `dtype` and `param_dtype` are `jnp.dtype`s.
+
+What an attention kind reads is the kind's own business: `attention.spec(kind)`
+names its settings (`params`, the fields of `AttentionConfig` below) and checks them.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import warnings
+from typing import Any, Optional
 
 import jax.numpy as jnp
 
@@ -17,72 +25,72 @@ from longjax import attention
 POSITIONS = ('rope', 't5_bias', 'learned')
 REMAT_POLICIES = ('none', 'attention', 'dots', 'attention_out', 'full')
 MLP_ACTIVATIONS = ('swiglu', 'geglu', 'gelu', 'relu')
-MODEL_KINDS = ('lm', 'encoder_decoder')
-# Decoder self-attention of the encoder-decoder: kinds whose causal form keeps a
-# bounded or full key/value cache when decoding token by token.
-DECODER_KINDS = ('full', 'local')
+ARCHS = ('lm', 'encoder_decoder')
+GLOBAL_TOKENS = ('prefix', 'marked')
+
+# Old spellings, accepted for one release with a warning: field -> its
+# "unset" value in the config. model.kind became model.arch (`kind` is the
+# attention kind); attention.block_size meant three things and became
+# summary_block (transient_global), level0_block (hierarchical) and
+# chunk_size (chunked); setting it sets all three.
+DEPRECATED_MODEL_FIELDS = {'kind': ''}
+DEPRECATED_ATTENTION_FIELDS = {'block_size': -1}
+_BLOCK_SIZE_FIELDS = ('summary_block', 'level0_block', 'chunk_size')
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  kind: str = 'full'
-  radius: int = 128
-  num_global: int = 16
-  global_tokens: str = 'prefix'
-  block_size: int = 64
-  max_span: int = 256
-  span_ramp: float = 32.0
-  span_init: float = 0.5
-  span_loss_coef: float = 2e-6
-  implementation: str = 'auto'
-  layer_pattern: tuple[str, ...] = ()
-  decoder_kind: str = 'full'
+  kind: str = attention.DEFAULT_KIND  # One of longjax.attention.KINDS ('full' by default).
+  radius: int = 128  # Window: query i sees keys j with |i - j| <= radius (local kinds).
+  num_global: int = 16  # global_local: global tokens (a row's first, or its marked ones).
+  global_tokens: str = 'prefix'  # 'prefix' (positions 0..num_global-1) or 'marked' (the batch's).
+  summary_block: int = 64  # transient_global: tokens per summary block.
+  level0_block: int = 64  # hierarchical: level-0 block b (even); level l pools 2^l tokens.
+  chunk_size: int = 64  # chunked: tokens per independent chunk.
+  max_span: int = 256  # adaptive_span: longest span a head may learn.
+  span_ramp: float = 32.0  # adaptive_span: width R of the soft mask ramp.
+  span_init: float = 0.5  # adaptive_span: initial span as a fraction of max_span.
+  span_loss_coef: float = 2e-6  # adaptive_span: weight of the mean-span penalty in the loss.
+  implementation: str = 'auto'  # 'auto', 'xla' or 'cudnn' (GPU; kinds that list it).
+  layer_pattern: tuple[str, ...] = ()  # Per-layer kinds repeated over depth, e.g. local,local,full.
+  decoder_kind: str = attention.DEFAULT_KIND  # encoder_decoder: the decoder's causal kind.
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  kind: str = 'lm'
-  num_layers: int = 2
-  num_decoder_layers: int = -1
-  emb_dim: int = 128
-  num_heads: int = 4
-  num_kv_heads: int = -1
-  head_dim: int = -1
-  mlp_dim: int = 512
-  mlp_activation: str = 'swiglu'
-  vocab_size: int = 259
-  max_len: int = 2048
-  dropout_rate: float = 0.0
-  tie_embeddings: bool = True
-  positions: str = 'rope'
-  rope_max_wavelength: float = 10_000.0
-  t5_num_buckets: int = 32
-  t5_max_distance: int = 128
-  dtype: str = 'bfloat16'
-  param_dtype: str = 'float32'
-  remat: str = 'none'
+  arch: str = 'lm'  # 'lm' (decoder-only) or 'encoder_decoder'.
+  num_layers: int = 2  # Transformer blocks (each of encoder and decoder).
+  num_decoder_layers: int = -1  # Decoder blocks of an encoder-decoder; -1 = num_layers.
+  emb_dim: int = 128  # Residual stream width.
+  num_heads: int = 4  # Query heads.
+  num_kv_heads: int = -1  # Key/value heads (grouped-query attention); -1 = num_heads.
+  head_dim: int = -1  # Per-head width; -1 = emb_dim // num_heads.
+  mlp_dim: int = 512  # Hidden width of the MLP.
+  mlp_activation: str = 'swiglu'  # 'swiglu', 'geglu' (gated, 3 matrices), 'gelu', 'relu' (2).
+  vocab_size: int = 259  # Byte tokenizer: 256 bytes + pad, eos, bos (set by the tokenizer).
+  max_len: int = 2048  # Longest sequence the model accepts (inputs are checked against it).
+  dropout_rate: float = 0.0  # Dropout on the residual branches while training.
+  tie_embeddings: bool = True  # Share the input embedding with the output projection.
+  positions: str = 'rope'  # 'rope', 't5_bias' (T5 relative buckets) or 'learned'.
+  rope_max_wavelength: float = 10_000.0  # RoPE base.
+  t5_num_buckets: int = 32  # Relative-position buckets for 't5_bias'.
+  t5_max_distance: int = 128  # Distances beyond this share the last bucket.
+  dtype: Any = 'bfloat16'  # Compute dtype of matmuls (softmax, norms, logits stay fp32).
+  param_dtype: Any = 'float32'  # Master weights.
+  remat: str = 'none'  # 'none', 'attention' (kernel only), 'dots', 'attention_out', 'full'.
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
 
-  # Resolved values -------------------------------------------------------
-  @property
-  def kv_heads(self) -> int:
-    return self.num_heads if self.num_kv_heads == -1 else self.num_kv_heads
-
-  @property
-  def dim_per_head(self) -> int:
-    return self.emb_dim // self.num_heads if self.head_dim == -1 else self.head_dim
-
-  @property
-  def decoder_layers(self) -> int:
-    return self.num_layers if self.num_decoder_layers == -1 else self.num_decoder_layers
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def weight_dtype(self):
-    return jnp.dtype(self.param_dtype)
+  def __post_init__(self):
+    """Validates, then resolves the sentinels: every instance holds final values."""
+    self.validate()
+    resolved = dict(
+        num_kv_heads=self.num_heads if self.num_kv_heads == -1 else self.num_kv_heads,
+        head_dim=self.emb_dim // self.num_heads if self.head_dim == -1 else self.head_dim,
+        num_decoder_layers=(self.num_layers if self.num_decoder_layers == -1
+                            else self.num_decoder_layers),
+        dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+    for field, value in resolved.items():
+      object.__setattr__(self, field, value)
 
   def layer_kinds(self, num_layers: Optional[int] = None) -> tuple[str, ...]:
     """Attention kind of each layer: the pattern repeated over depth."""
@@ -90,13 +98,21 @@ class ModelConfig:
     pattern = self.attention.layer_pattern or (self.attention.kind,)
     return tuple(pattern[i % len(pattern)] for i in range(n))
 
+  def attention_kinds(self) -> frozenset[str]:
+    """Every attention kind some layer of the model uses."""
+    kinds = set(self.layer_kinds())
+    if self.arch == 'encoder_decoder':
+      kinds.add(self.attention.decoder_kind)
+    return frozenset(kinds)
+
   # Construction ----------------------------------------------------------
   @classmethod
   def from_config(cls, model_config) -> 'ModelConfig':
-    """From an ml-collections `model` block (or a dict); validates."""
+    """From an ml-collections `model` block (or a dict); validates and resolves."""
     raw = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
     raw = dict(raw)
-    att = dict(raw.pop('attention', {}))
+    att = dict(raw.pop('attention', {}) or {})
+    _apply_deprecated(raw, att)
     known = {f.name for f in dataclasses.fields(cls)}
     known_att = {f.name for f in dataclasses.fields(AttentionConfig)}
     unknown = [f'model.{k}' for k in raw if k not in known]
@@ -104,35 +120,34 @@ class ModelConfig:
     if unknown:
       raise ValueError(f'Unknown model config field(s): {", ".join(sorted(unknown))}.')
     if 'layer_pattern' in att:
-      pattern = att['layer_pattern']
-      att['layer_pattern'] = tuple(pattern.split(',')) if isinstance(pattern, str) and pattern \
-          else tuple(pattern or ())
-    config = cls(**raw, attention=AttentionConfig(**att))
-    config.validate()
-    return config
+      att['layer_pattern'] = parse_layer_pattern(att['layer_pattern'])
+    return cls(**raw, attention=AttentionConfig(**att))
 
   def validate(self):
     def fail(field, message):
       raise ValueError(f'model.{field}: {message}')
 
-    if self.kind not in MODEL_KINDS:
-      fail('kind', f'{self.kind!r} is not one of {MODEL_KINDS}.')
+    if self.arch not in ARCHS:
+      fail('arch', f'{self.arch!r} is not one of {ARCHS}.')
     for field in ('num_layers', 'emb_dim', 'num_heads', 'mlp_dim', 'vocab_size', 'max_len'):
       if getattr(self, field) < 1:
         fail(field, f'must be >= 1; got {getattr(self, field)}.')
-    if self.kind == 'encoder_decoder' and self.decoder_layers < 1:
+    if self.arch == 'encoder_decoder' and not (self.num_decoder_layers >= 1
+                                                or self.num_decoder_layers == -1):
       fail('num_decoder_layers', f'must be >= 1 or -1; got {self.num_decoder_layers}.')
     if self.num_kv_heads != -1 and not 1 <= self.num_kv_heads <= self.num_heads:
       fail('num_kv_heads', f'must be in [1, num_heads={self.num_heads}] or -1; got '
            f'{self.num_kv_heads}.')
-    if self.num_heads % self.kv_heads:
+    kv_heads = self.num_heads if self.num_kv_heads == -1 else self.num_kv_heads
+    if self.num_heads % kv_heads:
       fail('num_kv_heads', f'num_heads ({self.num_heads}) must be a multiple of num_kv_heads '
-           f'({self.kv_heads}).')
+           f'({kv_heads}).')
     if self.head_dim == -1 and self.emb_dim % self.num_heads:
       fail('head_dim', f'emb_dim ({self.emb_dim}) is not divisible by num_heads '
            f'({self.num_heads}); set model.head_dim explicitly.')
-    if self.positions == 'rope' and self.dim_per_head % 2:
-      fail('head_dim', f'RoPE rotates pairs of features; head_dim {self.dim_per_head} is odd.')
+    head_dim = self.emb_dim // self.num_heads if self.head_dim == -1 else self.head_dim
+    if self.positions == 'rope' and head_dim % 2:
+      fail('head_dim', f'RoPE rotates pairs of features; head_dim {head_dim} is odd.')
     if self.positions not in POSITIONS:
       fail('positions', f'{self.positions!r} is not one of {POSITIONS}.')
     if self.mlp_activation not in MLP_ACTIVATIONS:
@@ -146,43 +161,83 @@ class ModelConfig:
         fail(field, f'{getattr(self, field)!r} is not a dtype name (e.g. bfloat16, float32).')
     if not 0.0 <= self.dropout_rate < 1.0:
       fail('dropout_rate', f'must be in [0, 1); got {self.dropout_rate}.')
+    self._validate_attention(fail)
 
+  def _validate_attention(self, fail):
     a = self.attention
-    kinds = set(self.layer_kinds())
-    if self.kind == 'encoder_decoder':
-      kinds |= {a.decoder_kind}
+    kinds = self.attention_kinds()
     for kind in sorted(kinds):
       if kind not in attention.KINDS:
         field = 'attention.layer_pattern' if kind in a.layer_pattern else 'attention.kind'
-        if kind == a.decoder_kind and self.kind == 'encoder_decoder':
+        if kind == a.decoder_kind and self.arch == 'encoder_decoder':
           field = 'attention.decoder_kind'
         fail(field, f'unknown attention kind {kind!r}; valid kinds are: '
              f'{", ".join(attention.KINDS)}.')
-    if self.kind == 'encoder_decoder' and a.decoder_kind not in DECODER_KINDS:
-      fail('attention.decoder_kind', f'the decoder attends causally with a key/value cache; '
-           f'use one of {DECODER_KINDS}, not {a.decoder_kind!r}.')
-    uses = lambda param: any(param in attention.spec(k).params for k in kinds)
-    if uses('radius') and a.radius < 1:
-      fail('attention.radius', f'must be >= 1; got {a.radius}.')
-    if a.global_tokens not in ('prefix', 'marked'):
+    if a.global_tokens not in GLOBAL_TOKENS:
       fail('attention.global_tokens', f"must be 'prefix' or 'marked'; got {a.global_tokens!r}.")
-    if uses('num_global') and a.num_global < 0:
-      fail('attention.num_global', f'must be >= 0; got {a.num_global}.')
-    if uses('block_size') and a.block_size < 1:
-      fail('attention.block_size', f'must be >= 1; got {a.block_size}.')
-    if 'hierarchical' in kinds and (a.block_size < 2 or a.block_size % 2):
-      fail('attention.block_size', f'hierarchical attention needs an even block_size >= 2; '
-           f'got {a.block_size}.')
-    if 'adaptive_span' in kinds:
-      if a.max_span < 1:
-        fail('attention.max_span', f'must be >= 1; got {a.max_span}.')
-      if a.span_ramp <= 0:
-        fail('attention.span_ramp', f'must be > 0; got {a.span_ramp}.')
-      if not 0.0 <= a.span_init <= 1.0:
-        fail('attention.span_init', f'is a fraction of max_span in [0, 1]; got {a.span_init}.')
+    specs = [attention.spec(kind) for kind in sorted(kinds)]
+    for spec in specs:
+      for param, problem in spec.problems(spec.settings(a)).items():
+        fail(f'attention.{param}', f'{problem} ({spec.name} attention)')
+    if any(spec.learns_spans for spec in specs) and not 0.0 <= a.span_init <= 1.0:
+      fail('attention.span_init', f'is a fraction of max_span in [0, 1]; got {a.span_init}.')
     if a.implementation not in ('auto', 'xla', 'cudnn'):
       fail('attention.implementation', f"must be 'auto', 'xla' or 'cudnn'; got "
            f'{a.implementation!r}.')
-    if a.implementation == 'cudnn' and kinds - {'full', 'local'}:
-      fail('attention.implementation', f"'cudnn' computes only full and local attention; "
-           f"layers use {sorted(kinds - {'full', 'local'})}. Use 'auto'.")
+    lacking = sorted(s.name for s in specs if a.implementation != 'auto'
+                     and a.implementation not in s.implementations)
+    if lacking:
+      fail('attention.implementation', f'{a.implementation!r} does not compute '
+           f"{', '.join(lacking)} attention. Use 'auto'.")
+
+
+def parse_layer_pattern(pattern) -> tuple[str, ...]:
+  """'local,local,full', ('local', 'full') or ('local,local,full',) -> a tuple of kinds.
+
+  The last is what `--config.model.attention.layer_pattern=local,local,full`
+  gives (ml-collections reads a tuple flag it cannot literal_eval as one string).
+  """
+  items = (pattern,) if isinstance(pattern, str) else tuple(pattern or ())
+  return tuple(word.strip() for item in items for word in str(item).split(',') if word.strip())
+
+
+def defaults() -> dict:
+  """The `model` block's fields and defaults as a nested dict (for longjax/configs/base.py).
+
+  Includes the deprecated spellings at their "unset" value, so that old
+  command lines still parse (with a warning).
+  """
+  model = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != 'attention'}
+  model['attention'] = dataclasses.asdict(AttentionConfig())
+  model.update(DEPRECATED_MODEL_FIELDS)
+  model['attention'].update(DEPRECATED_ATTENTION_FIELDS)
+  return model
+
+
+def upgraded(model_block: dict) -> dict:
+  """A `model` block (a plain dict, e.g. from an older run's config.json) with the
+  deprecated spellings mapped onto their new fields."""
+  model = dict(model_block)
+  model['attention'] = dict(model.get('attention', {}) or {})
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', FutureWarning)
+    _apply_deprecated(model, model['attention'])
+  return model
+
+
+def _apply_deprecated(raw: dict, att: dict) -> None:
+  """Maps the deprecated spellings onto their new fields, in place, with a warning."""
+  kind = raw.pop('kind', DEPRECATED_MODEL_FIELDS['kind'])
+  if kind != DEPRECATED_MODEL_FIELDS['kind']:
+    warnings.warn("model.kind is deprecated: use model.arch ('lm' or 'encoder_decoder').",
+                  FutureWarning, stacklevel=3)
+    raw.setdefault('arch', kind)
+    if raw['arch'] == ModelConfig.arch:  # Only the default: the old spelling wins.
+      raw['arch'] = kind
+  block_size = att.pop('block_size', DEPRECATED_ATTENTION_FIELDS['block_size'])
+  if block_size != DEPRECATED_ATTENTION_FIELDS['block_size']:
+    warnings.warn('model.attention.block_size is deprecated: use summary_block '
+                  '(transient_global), level0_block (hierarchical) or chunk_size (chunked); '
+                  'it sets all three.', FutureWarning, stacklevel=3)
+    for field in _BLOCK_SIZE_FIELDS:
+      att[field] = block_size

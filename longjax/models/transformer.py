@@ -35,9 +35,18 @@ _REMAT_POLICIES = {
 }
 
 
+# fold_in tags of the dropout streams of each part of a model (as
+# steps.DROPOUT_STREAM separates dropout from other uses of the seed); blocks
+# take their layer index and, inside a block, 0 / 1 / 2 per residual branch.
+EMBEDDING_STREAM = 10_000
+ENCODER_STREAM = 20_000
+DECODER_EMBEDDING_STREAM = 30_000
+DECODER_STREAM = 40_000
+
+
 def _norm(config: ModelConfig, rngs):
-  return layers.RMSNorm(config.emb_dim, dtype=config.compute_dtype,
-                        param_dtype=config.weight_dtype, rngs=rngs)
+  return layers.RMSNorm(config.emb_dim, dtype=config.dtype,
+                        param_dtype=config.param_dtype, rngs=rngs)
 
 
 def _layer_key(key, index):
@@ -82,7 +91,7 @@ class Block(nnx.Module):
       self.cross_attention = CrossAttention(config, rngs=rngs)
     self.mlp_norm = _norm(config, rngs)
     self.mlp = layers.MLP(config.emb_dim, config.mlp_dim, activation=config.mlp_activation,
-                          dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+                          dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
 
   def __call__(self, x, positions, segment_ids, dropout_key, memory=None,
                memory_segment_ids=None, global_mask=None, *, bias_fn=None):
@@ -125,8 +134,13 @@ class Block(nnx.Module):
     return sharding.constrain(x, ('batch', 'length', 'embed')), cache
 
 
-class _Stack(nnx.Module):
-  """Embedding-free stack of blocks with its position scheme and final norm."""
+class Stack(nnx.Module):
+  """Embedding-free stack of blocks with its position scheme and final norm.
+
+  The encoder of a model (bidirectional), or a decoder (causal, with
+  cross-attention when `cross`); public so that other models (the peer
+  benchmark's encoders) are built from the same parts.
+  """
 
   def __init__(self, config: ModelConfig, kinds, *, causal: bool, cross: bool,
                rngs: nnx.Rngs):
@@ -137,7 +151,7 @@ class _Stack(nnx.Module):
       self.relative_bias = layers.RelativePositionBias(
           config.num_heads, num_buckets=config.t5_num_buckets,
           max_distance=config.t5_max_distance, bidirectional=not causal,
-          param_dtype=config.weight_dtype, rngs=rngs)
+          param_dtype=config.param_dtype, rngs=rngs)
     self.final_norm = _norm(config, rngs)
 
   def __call__(self, x, positions, segment_ids, dropout_key, memory=None,
@@ -180,19 +194,19 @@ class _Stack(nnx.Module):
     return self.final_norm(x), new_caches
 
 
-class _Embedder(nnx.Module):
-  """Token embedding (+ learned positions) and the output projection."""
+class Embedder(nnx.Module):
+  """Token embedding (+ learned positions) and the output projection (public, like Stack)."""
 
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     self.config = config
-    kw = dict(dtype=config.compute_dtype, param_dtype=config.weight_dtype, rngs=rngs)
+    kw = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
     self.token = layers.Embed(config.vocab_size, config.emb_dim, **kw)
     if config.positions == 'learned':
       self.position = layers.Embed(config.max_len, config.emb_dim, **kw)
     if not config.tie_embeddings:
       self.head = layers.param(rngs, layers.normal(config.emb_dim ** -0.5),
                                (config.emb_dim, config.vocab_size), ('embed', 'vocab'),
-                               config.weight_dtype)
+                               config.param_dtype)
 
   def embed(self, ids, positions, dropout_key):
     x = self.token(ids)
@@ -205,7 +219,7 @@ class _Embedder(nnx.Module):
     if self.config.tie_embeddings:
       logits = self.token.attend(x)
     else:
-      logits = jnp.einsum('ble,ev->blv', x, self.head[...].astype(self.config.compute_dtype),
+      logits = jnp.einsum('ble,ev->blv', x, self.head[...].astype(self.config.dtype),
                           preferred_element_type=jnp.float32)
     return sharding.constrain(logits, ('batch', 'length', 'vocab'))
 
@@ -218,11 +232,11 @@ class TransformerLM(nnx.Module):
   """Decoder-only causal language model."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    if config.kind != 'lm':
-      raise ValueError(f"TransformerLM needs model.kind = 'lm'; got {config.kind!r}.")
+    if config.arch != 'lm':
+      raise ValueError(f"TransformerLM needs model.arch = 'lm'; got {config.arch!r}.")
     self.config = config
-    self.embedder = _Embedder(config, rngs)
-    self.decoder = _Stack(config, config.layer_kinds(), causal=True, cross=False, rngs=rngs)
+    self.embedder = Embedder(config, rngs)
+    self.decoder = Stack(config, config.layer_kinds(), causal=True, cross=False, rngs=rngs)
 
   def __call__(self, inputs, *, segment_ids=None, positions=None, global_mask=None,
                dropout_key: Optional[jax.Array] = None):
@@ -237,7 +251,7 @@ class TransformerLM(nnx.Module):
     check_length(self.config, inputs.shape[1])
     if positions is None:
       positions = _default_positions(inputs)
-    x = self.embedder.embed(inputs, positions, _layer_key(dropout_key, 10_000))
+    x = self.embedder.embed(inputs, positions, _layer_key(dropout_key, EMBEDDING_STREAM))
     x, auxes = self.decoder(x, positions, segment_ids, dropout_key, global_mask=global_mask)
     return self.embedder.logits(x), _collect_aux(auxes)
 
@@ -271,22 +285,22 @@ class EncoderDecoder(nnx.Module):
   """Encoder with long attention over the source; causal decoder with cross-attention."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-    if config.kind != 'encoder_decoder':
-      raise ValueError(f"EncoderDecoder needs model.kind = 'encoder_decoder'; got "
-                       f'{config.kind!r}.')
+    if config.arch != 'encoder_decoder':
+      raise ValueError(f"EncoderDecoder needs model.arch = 'encoder_decoder'; got "
+                       f'{config.arch!r}.')
     self.config = config
-    self.embedder = _Embedder(config, rngs)
-    self.encoder = _Stack(config, config.layer_kinds(), causal=False, cross=False, rngs=rngs)
-    decoder_kinds = (config.attention.decoder_kind,) * config.decoder_layers
-    self.decoder = _Stack(config, decoder_kinds, causal=True, cross=True, rngs=rngs)
+    self.embedder = Embedder(config, rngs)
+    self.encoder = Stack(config, config.layer_kinds(), causal=False, cross=False, rngs=rngs)
+    decoder_kinds = (config.attention.decoder_kind,) * config.num_decoder_layers
+    self.decoder = Stack(config, decoder_kinds, causal=True, cross=True, rngs=rngs)
 
   def encode(self, inputs, *, segment_ids=None, positions=None, dropout_key=None):
     """Source [b, s] -> (encoded [b, s, emb], aux list)."""
     check_length(self.config, inputs.shape[1], 'source')
     if positions is None:
       positions = _default_positions(inputs)
-    x = self.embedder.embed(inputs, positions, _layer_key(dropout_key, 10_000))
-    return self.encoder(x, positions, segment_ids, _layer_key(dropout_key, 20_000))
+    x = self.embedder.embed(inputs, positions, _layer_key(dropout_key, EMBEDDING_STREAM))
+    return self.encoder(x, positions, segment_ids, _layer_key(dropout_key, ENCODER_STREAM))
 
   def decode(self, encoded, decoder_inputs, *, encoder_segment_ids, decoder_segment_ids,
              decoder_positions=None, dropout_key=None):
@@ -294,9 +308,10 @@ class EncoderDecoder(nnx.Module):
     check_length(self.config, decoder_inputs.shape[1], 'target')
     if decoder_positions is None:
       decoder_positions = _default_positions(decoder_inputs)
-    y = self.embedder.embed(decoder_inputs, decoder_positions, _layer_key(dropout_key, 30_000))
+    y = self.embedder.embed(decoder_inputs, decoder_positions,
+                            _layer_key(dropout_key, DECODER_EMBEDDING_STREAM))
     y, _ = self.decoder(y, decoder_positions, decoder_segment_ids,
-                        _layer_key(dropout_key, 40_000), memory=encoded,
+                        _layer_key(dropout_key, DECODER_STREAM), memory=encoded,
                         memory_segment_ids=encoder_segment_ids)
     return self.embedder.logits(y)
 

@@ -1,4 +1,4 @@
-"""Metric writers, metric summaries and the progress line.
+"""Metric writers, metric summaries, the progress line, memory use and profiles.
 
 Every train and eval summary goes to (process 0 only):
   - `<workdir>/metrics.jsonl`: one JSON object a line, the file experiments read:
@@ -23,11 +23,14 @@ import importlib.util
 import json
 import math
 import os
+import resource
 import sys
 import time
 import types
 from typing import Any, Mapping, Optional, Sequence
 
+from absl import logging
+import jax
 import numpy as np
 
 
@@ -53,7 +56,45 @@ metric_writers = _clu_metric_writers()
 interface = metric_writers.interface
 
 
-class TensorBoardWriter(interface.MetricWriter):
+class _ScalarWriter(interface.MetricWriter):
+  """A clu MetricWriter for which every kind of summary is a no-op until overridden.
+
+  longjax logs scalars, texts and hyper-parameters, never images, audio,
+  videos, histograms or raw summaries.
+  """
+
+  def write_scalars(self, step, scalars):
+    del step, scalars
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+class TensorBoardWriter(_ScalarWriter):
   """Scalars, texts and hyper-parameters as TensorBoard event files (tensorboardX)."""
 
   def __init__(self, logdir: str):
@@ -71,22 +112,6 @@ class TensorBoardWriter(interface.MetricWriter):
   def write_hparams(self, hparams: Mapping[str, Any]):
     self._writer.add_text('hparams', json.dumps(dict(hparams), indent=2, default=str), 0)
 
-  # Images, audio, histograms and raw summaries: longjax logs none of them.
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets
-
   def flush(self):
     self._writer.flush()
 
@@ -94,7 +119,7 @@ class TensorBoardWriter(interface.MetricWriter):
     self._writer.close()
 
 
-class JsonlWriter(interface.MetricWriter):
+class JsonlWriter(_ScalarWriter):
   """Scalars named '<split>/<metric>' as one JSON object per (step, split) and line."""
 
   def __init__(self, path: str):
@@ -118,27 +143,6 @@ class JsonlWriter(interface.MetricWriter):
     with open(self.path, 'w', encoding='utf-8') as f:
       f.writelines(kept)
     self._file = open(self.path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
-
-  def write_texts(self, step, texts):
-    del step, texts
-
-  def write_hparams(self, hparams):
-    del hparams
-
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets
 
   def flush(self):
     self._file.flush()
@@ -196,7 +200,9 @@ class MetricsWriter:
 # Summaries (host side: numpy on metrics already fetched from the devices) ---
 
 SUMMED_TRAIN_METRICS = ('nll_sum', 'weight_sum', 'correct_sum', 'byte_sum')
-OPTIONAL_METRICS = ('mean_span',)
+# Metrics that are properties of the weights, not of the tokens: kept, not
+# summed, when the sums of several batches (or micro-batches) are added.
+KEPT_METRICS = ('mean_span',)
 
 
 def summarize(sums: Mapping[str, Any], *, with_bits_per_byte: bool) -> dict[str, float]:
@@ -223,12 +229,15 @@ def summarize(sums: Mapping[str, Any], *, with_bits_per_byte: bool) -> dict[str,
   return out
 
 
-def add_sums(total: Optional[dict], sums: Mapping[str, Any]) -> dict:
-  """Accumulates summed metrics; `mean_span` (a property of the weights) is kept, not summed."""
-  sums = {key: np.asarray(value, np.float64) for key, value in sums.items()}
+def add_sums(total: Optional[Mapping[str, Any]], sums: Mapping[str, Any]) -> dict:
+  """total + sums, key by key, with the KEPT_METRICS taken from `sums`; total None: sums.
+
+  Any array type: numpy on the host, jax arrays, or tracers inside a step.
+  """
   if total is None:
-    return sums
-  return {key: value if key == 'mean_span' else total[key] + value for key, value in sums.items()}
+    return dict(sums)
+  return {key: value if key in KEPT_METRICS else total[key] + value
+          for key, value in sums.items()}
 
 
 def train_summary(step_metrics: Sequence[Mapping[str, Any]], *,
@@ -236,8 +245,9 @@ def train_summary(step_metrics: Sequence[Mapping[str, Any]], *,
   """Summary of the train steps since the last log: summed over steps, rates averaged."""
   total = None
   for metrics in step_metrics:
-    total = add_sums(total, {key: metrics[key] for key in SUMMED_TRAIN_METRICS + OPTIONAL_METRICS
-                             if key in metrics})
+    # Added in float64 on the host: hundreds of steps of float32 sums.
+    total = add_sums(total, {key: np.asarray(metrics[key], np.float64)
+                             for key in SUMMED_TRAIN_METRICS + KEPT_METRICS if key in metrics})
   out = summarize(total, with_bits_per_byte=with_bits_per_byte)
   out['learning_rate'] = float(step_metrics[-1]['learning_rate'])
   out['grad_norm'] = float(np.mean([float(m['grad_norm']) for m in step_metrics]))
@@ -267,3 +277,76 @@ class Progress:
     return (f'step {step}/{self.total_steps} | loss {loss:.4f} | '
             f'{rates["steps_per_sec"]:.2f} steps/s | {rates["tokens_per_sec"]:,.0f} tokens/s | '
             f'ETA {eta}')
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+  """A summary as one JSON line for the log, floats rounded to 4 digits."""
+  return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
+
+
+# Memory and profiles --------------------------------------------------------
+
+
+def log_memory(compiled) -> Optional[int]:
+  """Logs XLA's memory plan of the compiled train step; returns its bytes per device."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  mib = lambda n: n / 2**20
+  logging.info(
+      'Train step compiled. Memory per device: arguments %.1f MiB, outputs %.1f MiB, '
+      'temporaries %.1f MiB, donated and reused %.1f MiB, generated code %.1f MiB.',
+      mib(stats.argument_size_in_bytes), mib(stats.output_size_in_bytes),
+      mib(stats.temp_size_in_bytes), mib(stats.alias_size_in_bytes),
+      mib(stats.generated_code_size_in_bytes))
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes +
+             stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def memory_use(compiled_bytes: Optional[int]) -> dict[str, float]:
+  """Memory for metrics.jsonl: XLA's plan per device, and the measured peak.
+
+  peak_memory_bytes is the accelerator's peak bytes in use where the runtime
+  reports it (GPU, TPU), else this process's peak resident memory (CPU).
+  """
+  out = {} if compiled_bytes is None else {'compiled_memory_bytes': float(compiled_bytes)}
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    out['peak_memory_bytes'] = float(stats['peak_bytes_in_use'])
+  else:
+    out['peak_memory_bytes'] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  return out
+
+
+class Profiler:
+  """Traces `profile_steps` steps, from a run's second step on, into `logdir`.
+
+  The first step of a run is skipped: it pays for warm-up. Open the trace with
+  TensorBoard's profile plugin or Perfetto (`*.trace.json.gz`).
+  """
+
+  def __init__(self, profile_steps: int, logdir: str):
+    self.profile_steps = profile_steps
+    self.logdir = logdir
+    self.tracing = False
+
+  def before(self, step: int, start_step: int, state):
+    first = start_step + 2
+    if self.profile_steps and step == first:
+      jax.profiler.start_trace(self.logdir)
+      self.tracing = True
+    elif self.tracing and step == first + self.profile_steps:
+      jax.block_until_ready(state)
+      self._stop()
+
+  def _stop(self):
+    jax.profiler.stop_trace()
+    self.tracing = False
+    logging.info('Profile of %d steps written to %s.', self.profile_steps, self.logdir)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    if self.tracing:
+      self._stop()

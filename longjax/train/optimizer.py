@@ -1,9 +1,12 @@
 """AdamW with warm-up then cosine, rsqrt or constant learning rate, and clipping.
 
-    schedule = learning_rate_schedule(config)
-    tx = make_optimizer(config, schedule, weight_decay_mask(abstract_params))
+    optimizer_config = OptimizerConfig.from_config(config)   # validate_config does this
+    schedule = learning_rate_schedule(optimizer_config)
+    tx = make_optimizer(optimizer_config, schedule, weight_decay_mask(abstract_params))
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +20,34 @@ SCHEDULES = ('cosine', 'rsqrt', 'constant')
 NO_DECAY_AXES = ('norm', 'relpos_buckets')
 
 
-def learning_rate_schedule(config) -> optax.Schedule:
-  """Peak `config.learning_rate` after a linear warm-up, then `config.lr_schedule`.
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """What the schedule and AdamW read: the config fields of the same names.
+
+  No defaults here: longjax/configs/base.py holds them, once.
+  """
+  learning_rate: float  # Peak, reached at the end of warm-up.
+  warmup_steps: int
+  lr_schedule: str  # One of SCHEDULES.
+  min_lr_ratio: float  # Cosine decays to this fraction of the peak.
+  num_train_steps: int  # Where the cosine ends.
+  weight_decay: float
+  adam_b1: float
+  adam_b2: float
+  grad_clip: float  # Global norm; 0 = no clipping.
+
+  @classmethod
+  def from_config(cls, config) -> 'OptimizerConfig':
+    """Reads the top-level fields of a run config; `validation` checks them first."""
+    return cls(learning_rate=float(config.learning_rate), warmup_steps=int(config.warmup_steps),
+               lr_schedule=str(config.lr_schedule), min_lr_ratio=float(config.min_lr_ratio),
+               num_train_steps=int(config.num_train_steps),
+               weight_decay=float(config.weight_decay), adam_b1=float(config.adam_b1),
+               adam_b2=float(config.adam_b2), grad_clip=float(config.grad_clip))
+
+
+def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
+  """Peak `learning_rate` after a linear warm-up, then `lr_schedule`.
 
   optax calls a schedule with the number of updates already applied, so the
   n-th update (n = count + 1) uses lr(n): the first update is not wasted at
@@ -29,11 +58,11 @@ def learning_rate_schedule(config) -> optax.Schedule:
               you need" inverse square root);
     constant: peak.
   """
-  peak = float(config.learning_rate)
-  warmup = int(config.warmup_steps)
-  total = int(config.num_train_steps)
+  peak = config.learning_rate
+  warmup = config.warmup_steps
+  total = config.num_train_steps
   kind = config.lr_schedule
-  min_ratio = float(config.min_lr_ratio)
+  min_ratio = config.min_lr_ratio
 
   def schedule(count):
     n = jnp.asarray(count, jnp.float32) + 1.0
@@ -64,10 +93,11 @@ def weight_decay_mask(abstract_params: nnx.State) -> dict:
   return nnx.to_pure_dict(mask)
 
 
-def make_optimizer(config, schedule: optax.Schedule, decay_mask) -> optax.GradientTransformation:
-  """Global-norm clipping (`config.grad_clip`, 0 = off), then AdamW."""
-  adamw = optax.adamw(schedule, b1=float(config.adam_b1), b2=float(config.adam_b2), eps=1e-8,
-                      weight_decay=float(config.weight_decay), mask=decay_mask)
+def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule,
+                   decay_mask) -> optax.GradientTransformation:
+  """Global-norm clipping (`grad_clip`, 0 = off), then AdamW."""
+  adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=1e-8,
+                      weight_decay=config.weight_decay, mask=decay_mask)
   if config.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(float(config.grad_clip)), adamw)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
   return adamw

@@ -1,5 +1,6 @@
 """The loss, the train step and the eval step: pure functions for `jax.jit`.
 
+    settings = StepSettings.create(model_config, loop_config, seq2seq=False)
     train_step = make_train_step(graphdef, tx, schedule, settings, param_shardings)
     new_state, metrics = train_step(state, batch)      # jitted by the trainer
     sums = make_eval_step(graphdef, settings)(params, batch)
@@ -27,7 +28,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from longjax import models
 from longjax import sharding
+from longjax.train import metrics
+from longjax.train import run_config
 from longjax.train.state import TrainState
 
 # fold_in tags that separate the dropout stream from other uses of the seed.
@@ -36,7 +40,7 @@ DROPOUT_STREAM = 1
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
-  """What the step functions read from the config (plain values, hashable)."""
+  """What the step functions read (plain values, hashable); `create` makes one."""
   seq2seq: bool
   seed: int
   dropout: bool  # model.dropout_rate > 0
@@ -48,13 +52,13 @@ class StepSettings:
   exact_match: bool = False  # eval: also count rows whose answer tokens are all right
 
   @classmethod
-  def from_config(cls, config, *, seq2seq: bool, token_byte_lengths=None,
-                  exact_match: bool = False) -> 'StepSettings':
+  def create(cls, model: models.ModelConfig, loop: run_config.LoopConfig, *, seq2seq: bool,
+             token_byte_lengths=None, exact_match: bool = False) -> 'StepSettings':
+    """From the typed model and loop settings; token_byte_lengths: the tokenizer's, or None."""
     return cls(
-        seq2seq=seq2seq, seed=int(config.seed), dropout=config.model.dropout_rate > 0,
-        grad_accum_steps=int(config.grad_accum_steps),
-        label_smoothing=float(config.label_smoothing), z_loss=float(config.z_loss),
-        span_loss_coef=float(config.model.attention.span_loss_coef),
+        seq2seq=seq2seq, seed=loop.seed, dropout=model.dropout_rate > 0,
+        grad_accum_steps=loop.grad_accum_steps, label_smoothing=loop.label_smoothing,
+        z_loss=loop.z_loss, span_loss_coef=float(model.attention.span_loss_coef),
         token_byte_lengths=None if token_byte_lengths is None else tuple(
             int(n) for n in np.asarray(token_byte_lengths)),
         exact_match=exact_match)
@@ -90,8 +94,12 @@ def token_losses(logits, targets, settings: StepSettings):
   return nll, objective
 
 
-def batch_sums(logits, nll, batch, settings: StepSettings) -> dict[str, jax.Array]:
-  """Weighted sums over the batch: nats, target tokens, correct tokens, UTF-8 bytes."""
+def batch_sums(logits, nll, batch, settings: StepSettings, aux=None) -> dict[str, jax.Array]:
+  """Weighted sums over the batch: nats, target tokens, correct tokens, UTF-8 bytes.
+
+  With the model's `aux`, also its `mean_span` (adaptive span), which
+  `metrics.add_sums` keeps rather than adds.
+  """
   targets = batch['targets']
   weights = batch['weights'].astype(jnp.float32)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights
@@ -109,6 +117,8 @@ def batch_sums(logits, nll, batch, settings: StepSettings) -> dict[str, jax.Arra
     all_right = jnp.sum(correct, axis=-1) == jnp.sum(weights, axis=-1)
     sums['exact_sum'] = jnp.sum((all_right & has_answer).astype(jnp.float32))
     sums['row_sum'] = jnp.sum(has_answer.astype(jnp.float32))
+  if aux is not None and 'mean_span' in aux:
+    sums['mean_span'] = aux['mean_span'].astype(jnp.float32)
   return sums
 
 
@@ -141,10 +151,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       # by this micro-batch's weight makes it count exactly once after the
       # division by the total weight below.
       total = total + settings.span_loss_coef * aux['span_penalty'] * jnp.sum(weights)
-    sums = batch_sums(logits, nll, micro_batch, settings)
-    if 'mean_span' in aux:
-      sums['mean_span'] = aux['mean_span'].astype(jnp.float32)
-    return total, sums
+    return total, batch_sums(logits, nll, micro_batch, settings, aux)
 
   grad_fn = jax.grad(micro_objective, has_aux=True)
 
@@ -172,8 +179,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         micro_batch = _constrain_batch(micro_batch)
         key = None if step_key is None else jax.random.fold_in(step_key, index)
         grads, sums = grad_fn(state.params, micro_batch, key)
-        sums_total = {name: value if name == 'mean_span' else sums_total[name] + value
-                      for name, value in sums.items()}
+        sums_total = metrics.add_sums(sums_total, sums)
         return (jax.tree.map(jnp.add, grads_sum, grads), sums_total), None
 
       zero_grads = jax.tree.map(jnp.zeros_like, state.params)
@@ -193,12 +199,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     if param_shardings is not None:
       params = jax.lax.with_sharding_constraint(params, param_shardings)
 
-    metrics = dict(sums)
-    metrics['grad_norm'] = optax.global_norm(grads)
-    metrics['learning_rate'] = jnp.asarray(schedule(state.step), jnp.float32)
-    metrics['finite'] = (jnp.isfinite(sums['nll_sum']) & _all_finite(grads)
-                         & _all_finite(params))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    step_metrics = dict(sums)
+    step_metrics['grad_norm'] = optax.global_norm(grads)
+    step_metrics['learning_rate'] = jnp.asarray(schedule(state.step), jnp.float32)
+    step_metrics['finite'] = (jnp.isfinite(sums['nll_sum']) & _all_finite(grads)
+                              & _all_finite(params))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
 
   return train_step
 
@@ -209,9 +215,6 @@ def make_eval_step(graphdef: nnx.GraphDef, settings: StepSettings) -> Callable:
     batch = _constrain_batch(batch)
     logits, aux = forward(graphdef, params, batch, seq2seq=settings.seq2seq)
     nll, _ = token_losses(logits, batch['targets'], settings)
-    sums = batch_sums(logits, nll, batch, settings)
-    if 'mean_span' in aux:
-      sums['mean_span'] = aux['mean_span'].astype(jnp.float32)
-    return sums
+    return batch_sums(logits, nll, batch, settings, aux)
 
   return eval_step

@@ -2,19 +2,35 @@
 
 `validate_config` runs before the tokenizer, the data or anything is compiled,
 so a bad config fails in a second instead of after a compile (or an hour of
-training). It reports all problems at once. Unknown field names are caught
-earlier still: `main.py` locks the config, and `ModelConfig.from_config`
-rejects unknown `model.*` fields for notebook use.
+training). It reports all problems at once, and returns the typed, resolved
+`RunConfig` the rest of the run reads. Unknown field names are caught earlier
+still: `main.py` locks the config, and `ModelConfig.from_config` rejects
+unknown `model.*` fields for notebook use.
 """
 from __future__ import annotations
 
 import math
 from typing import Mapping
 
+from longjax import data
+from longjax import decode
 from longjax import models
-from longjax.data import pipeline
-from longjax.data import sources
+from longjax import sharding
 from longjax.train import optimizer
+from longjax.train import run_config as run_config_lib
+
+
+class ConfigError(ValueError):
+  """A config the run cannot use; each of `problems` names the field, its value and the fix.
+
+  The command line prints these as clean FATAL lines and exits 1, where any
+  other exception (a bug) keeps its traceback.
+  """
+
+  def __init__(self, problems, *, heading: str = 'Invalid config:', advice: str = ''):
+    self.heading, self.problems, self.advice = heading, tuple(problems), advice
+    text = heading + '\n  ' + '\n  '.join(self.problems)
+    super().__init__(text + (f'\n{advice}' if advice else ''))
 
 
 def data_parallel_size(mesh_shape: Mapping[str, int]) -> int:
@@ -23,8 +39,8 @@ def data_parallel_size(mesh_shape: Mapping[str, int]) -> int:
 
 
 def validate_config(config, *, mesh_shape: Mapping[str, int],
-                    process_count: int = 1) -> models.ModelConfig:
-  """Raises ValueError listing every problem; returns the validated ModelConfig.
+                    process_count: int = 1) -> run_config_lib.RunConfig:
+  """Raises ConfigError listing every problem; returns the validated RunConfig.
 
   mesh_shape: the resolved mesh sizes {'data': .., 'fsdp': .., 'tensor': ..,
     'sequence': ..} (after -1 is filled in; `sharding.make_mesh` checks their
@@ -36,11 +52,21 @@ def validate_config(config, *, mesh_shape: Mapping[str, int],
     if not condition:
       errors.append(f'config.{field} = {_value(config, field)!r}: {message}')
 
-  try:
-    model_config = models.ModelConfig.from_config(config.model)
-  except ValueError as error:
-    model_config = None
-    errors.append(f'config.{error}' if str(error).startswith('model.') else str(error))
+  def typed(make):
+    """make(), or None with its problems (each naming its field) recorded."""
+    try:
+      return make()
+    except data.DataConfigError as error:
+      problems = error.problems
+    except ValueError as error:
+      message = str(error)
+      problems = [f'config.{message}' if message.startswith('model.') else message]
+    errors.extend(problems)
+    return None
+
+  model_config = typed(lambda: models.ModelConfig.from_config(config.model))
+  data_config = typed(lambda: data.DataConfig.from_config(config))
+  decode_settings = typed(lambda: decode.DecodeSettings.from_config(config.decode))
 
   for field in ('batch_size', 'seq_len', 'grad_accum_steps', 'log_every_steps',
                 'keep_checkpoints'):
@@ -69,7 +95,7 @@ def validate_config(config, *, mesh_shape: Mapping[str, int],
   check(config.eval_seq_len <= max_len, 'eval_seq_len',
         f'longer than config.model.max_len = {max_len}; raise model.max_len to evaluate at '
         f'this length.')
-  if pipeline.is_seq2seq(config):
+  if data_config is not None and data_config.seq2seq:
     check(config.target_len <= max_len, 'target_len',
           f'longer than config.model.max_len = {max_len}.')
 
@@ -92,27 +118,44 @@ def validate_config(config, *, mesh_shape: Mapping[str, int],
         f'config.mesh: data x fsdp = {dp} must be a multiple of the {process_count} '
         f'processes, so that each process feeds its own rows of the batch (mesh {mesh_text}).')
 
-  # Data and model must agree on the task kind.
-  try:
-    pipeline.check_task_kind(config)
-  except ValueError as error:
-    errors.append(str(error))
+  if model_config is not None and data_config is not None:
+    errors.extend(_model_and_data_disagree(model_config, data_config))
 
+  if errors:
+    # The data layer checks some top-level fields too (seq_len, batch_size), in
+    # the same words: each problem is listed once.
+    raise ConfigError(dict.fromkeys(errors))
+  return run_config_lib.RunConfig(
+      model=model_config, data=data_config,
+      optimizer=optimizer.OptimizerConfig.from_config(config),
+      loop=run_config_lib.LoopConfig.from_config(config), decode=decode_settings,
+      mesh_shape={axis: int(size) for axis, size in mesh_shape.items()},
+      axis_rules=sharding.rules_from_config(config.axis_rules))
+
+
+def _model_and_data_disagree(model_config: models.ModelConfig,
+                             data_config: data.DataConfig) -> list[str]:
+  """The task kind, and marked global tokens, checked between the model and its data."""
+  errors = []
+  dataset = data_config.dataset
+  if model_config.arch == 'encoder_decoder' and not data_config.seq2seq:
+    errors.append(f"config.model.arch = 'encoder_decoder' needs a seq2seq dataset: set "
+                  f'config.dataset.target_key (dataset {dataset.name!r}).')
+  if model_config.arch == 'lm' and data_config.seq2seq:
+    errors.append(f'config.dataset.target_key = {dataset.target_key!r} makes '
+                  f"{dataset.name!r} seq2seq, but config.model.arch = 'lm'; set "
+                  "config.model.arch = 'encoder_decoder' or clear target_key.")
   # Marked global tokens come from the data: only the synthetic tasks mark any
   # (their question). Text batches carry an all-zero global_mask, which would
   # silently turn global_local into local attention.
-  if (model_config is not None and model_config.attention.global_tokens == 'marked'
-      and 'global_local' in model_config.layer_kinds()
-      and not sources.is_synthetic(config.dataset.name)):
+  if (model_config.attention.global_tokens == 'marked'
+      and 'global_local' in model_config.layer_kinds() and not data_config.synthetic):
     errors.append(
         f"config.model.attention.global_tokens = 'marked': dataset "
-        f"{config.dataset.name!r} marks no global tokens (only the synthetic tasks mark "
+        f"{dataset.name!r} marks no global tokens (only the synthetic tasks mark "
         f"their question), so global_local would attend like local; use 'prefix' (positions "
         f"0..num_global-1).")
-
-  if errors:
-    raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))
-  return model_config
+  return errors
 
 
 def _value(config, field):

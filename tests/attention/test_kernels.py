@@ -1,6 +1,4 @@
 """Every attention kind against an independent dense reference: outputs and gradients."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,102 +6,8 @@ import pytest
 
 from longjax import attention
 from tests.attention import reference as ref
-
-HEADS, KV_HEADS, DIM = 4, 2, 8
-
-
-def make_inputs(seed, length, batch=2, dtype=jnp.float32, kv_heads=KV_HEADS):
-  rng = np.random.default_rng(seed)
-  q = rng.normal(size=(batch, length, HEADS, DIM))
-  k = rng.normal(size=(batch, length, kv_heads, DIM))
-  v = rng.normal(size=(batch, length, kv_heads, DIM))
-  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
-
-
-def make_segments(seed, length, batch=2):
-  """Contiguous segments of random lengths (1..length/2), padding (0) at the end."""
-  rng = np.random.default_rng(seed + 100)
-  out = np.zeros((batch, length), np.int32)
-  for b in range(batch):
-    pos, seg = 0, 1
-    end = length - rng.integers(0, length // 5 + 1)
-    while pos < end:
-      n = int(rng.integers(1, max(2, length // 2)))
-      out[b, pos:min(end, pos + n)] = seg
-      pos += n
-      seg += 1
-  return jnp.asarray(out)
-
-
-# kind -> (kernel call, dense reference), both f(q, k, v, causal, segment_ids).
-def _local_ref(q, k, v, causal, seg, radius):
-  mask = ref.mask_local(q.shape[0], q.shape[1], radius=radius, causal=causal, segment_ids=seg)
-  return ref.dense(q, k, v, mask)
-
-
-def _global_ref(q, k, v, causal, seg, radius, is_global):
-  mask = ref.mask_global_local(q.shape[0], q.shape[1], radius=radius,
-                               is_global=is_global, causal=causal, segment_ids=seg)
-  return ref.dense(q, k, v, mask)
-
-
-def _first_global(length, num_global, batch=2):
-  return np.broadcast_to(np.arange(length) < num_global, (batch, length))
-
-
-SPANS = jnp.array([0.0, 3.5, 9.0, 40.0])
-
-
-def _adaptive_ref(q, k, v, causal, seg, max_span, ramp, spans=SPANS):
-  mask = ref.mask_local(q.shape[0], q.shape[1], radius=max_span, causal=causal, segment_ids=seg)
-  return ref.dense(q, k, v, mask, weight=ref.adaptive_weight(q.shape[1], spans, ramp))
-
-
-GLOBAL_MASK = np.zeros((2, 67), bool)
-GLOBAL_MASK[0, [3, 30, 31, 50]] = True
-GLOBAL_MASK[1, [0, 66]] = True
-
-CASES = {
-    'full': (
-        lambda q, k, v, causal, seg: attention.dot_product(q, k, v, causal=causal, segment_ids=seg),
-        lambda q, k, v, causal, seg: ref.dense(
-            q, k, v, ref.mask_full(q.shape[0], q.shape[1], q.shape[1], causal=causal, segment_ids=seg))),
-    'local_r3': (
-        lambda q, k, v, causal, seg: attention.local(q, k, v, radius=3, causal=causal, segment_ids=seg),
-        functools.partial(_local_ref, radius=3)),
-    'local_r20': (
-        lambda q, k, v, causal, seg: attention.local(q, k, v, radius=20, causal=causal, segment_ids=seg),
-        functools.partial(_local_ref, radius=20)),
-    'global_local': (
-        lambda q, k, v, causal, seg: attention.global_local(
-            q, k, v, radius=4, num_global=3, causal=causal, segment_ids=seg),
-        lambda q, k, v, causal, seg: _global_ref(
-            q, k, v, causal, seg, radius=4, is_global=_first_global(q.shape[1], 3))),
-    'global_local_mask': (
-        lambda q, k, v, causal, seg: attention.global_local(
-            q, k, v, radius=4, num_global=5, causal=causal, segment_ids=seg,
-            global_mask=jnp.asarray(GLOBAL_MASK[:, :q.shape[1]])),
-        lambda q, k, v, causal, seg: _global_ref(
-            q, k, v, causal, seg, radius=4, is_global=GLOBAL_MASK[:, :q.shape[1]])),
-    'transient_global': (
-        lambda q, k, v, causal, seg: attention.transient_global(
-            q, k, v, radius=3, block_size=5, causal=causal, segment_ids=seg),
-        lambda q, k, v, causal, seg: ref.transient_global(
-            q, k, v, radius=3, block_size=5, causal=causal, segment_ids=seg)),
-    'hierarchical': (
-        lambda q, k, v, causal, seg: attention.hierarchical(
-            q, k, v, block_size=4, causal=causal, segment_ids=seg),
-        lambda q, k, v, causal, seg: ref.hierarchical(
-            q, k, v, block_size=4, causal=causal, segment_ids=seg)),
-    'adaptive_span': (
-        lambda q, k, v, causal, seg: attention.adaptive_span(
-            q, k, v, spans=SPANS, max_span=12, ramp=4.0, causal=causal, segment_ids=seg),
-        functools.partial(_adaptive_ref, max_span=12, ramp=4.0)),
-    'chunked': (
-        lambda q, k, v, causal, seg: attention.chunked(q, k, v, block_size=6, causal=causal, segment_ids=seg),
-        lambda q, k, v, causal, seg: ref.dense(q, k, v, ref.mask_chunked(
-            q.shape[0], q.shape[1], block_size=6, causal=causal, segment_ids=seg))),
-}
+from tests.attention.cases import (CASES, HEADS, adaptive_reference, make_inputs,
+                                   make_segments)
 
 
 def _loss(fn, cotangent):
@@ -115,7 +19,7 @@ def _loss(fn, cotangent):
 @pytest.mark.parametrize('length', [37, 67])
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_matches_dense_reference_fp32(case, length, causal, segments):
-  kernel, reference = CASES[case]
+  kernel, reference = CASES[case].kernel, CASES[case].reference
   q, k, v = make_inputs(length, length)
   seg = make_segments(length, length) if segments else None
   got = jax.jit(lambda q, k, v: kernel(q, k, v, causal, seg))(q, k, v)
@@ -141,7 +45,7 @@ def test_very_negative_scores_stay_exact_and_finite(case, causal):
   (window, global keys, summaries) are partly empty. Trained passkey models
   reached such scores; a merge that let an empty part's placeholder max (0)
   outrank them gave zero outputs and NaN gradients."""
-  kernel, reference = CASES[case]
+  kernel, reference = CASES[case].kernel, CASES[case].reference
   length = 67
   q, k, v = make_inputs(11, length)
   q = 0.1 * q + 6.0
@@ -161,7 +65,7 @@ def test_very_negative_scores_stay_exact_and_finite(case, causal):
 
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_bf16_close_to_fp32_reference(case):
-  kernel, reference = CASES[case]
+  kernel, reference = CASES[case].kernel, CASES[case].reference
   length = 67
   q, k, v = make_inputs(7, length, dtype=jnp.bfloat16)
   seg = make_segments(7, length)
@@ -193,8 +97,8 @@ def test_adaptive_span_gradient_reaches_spans():
     return lambda spans: jnp.sum(fn(spans) * cotangent)
 
   got = jax.grad(loss(lambda s: attention.adaptive_span(
-      q, k, v, spans=s, max_span=24, ramp=4.0, causal=True)))(spans)
-  want = jax.grad(loss(lambda s: _adaptive_ref(q, k, v, True, None, 24, 4.0, spans=s)))(spans)
+      q, k, v, spans=s, max_span=24, span_ramp=4.0, causal=True)))(spans)
+  want = jax.grad(loss(lambda s: adaptive_reference(q, k, v, True, None, 24, 4.0, spans=s)))(spans)
   assert np.all(np.abs(want) > 0)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
@@ -202,12 +106,12 @@ def test_adaptive_span_gradient_reaches_spans():
 def test_adaptive_span_needed_radius_gives_same_output():
   q, k, v = make_inputs(4, 67)
   spans = jnp.array([0.0, 2.0, 5.5, 7.0])
-  radius = attention.needed_radius(spans, ramp=4.0, max_span=40)
+  radius = attention.needed_radius(spans, span_ramp=4.0, max_span=40)
   assert radius == 10  # m(x) > 0 iff x < 4 + 7
-  full = attention.adaptive_span(q, k, v, spans=spans, max_span=40, ramp=4.0)
-  trimmed = attention.adaptive_span(q, k, v, spans=spans, max_span=40, ramp=4.0, radius=radius)
+  full = attention.adaptive_span(q, k, v, spans=spans, max_span=40, span_ramp=4.0)
+  trimmed = attention.adaptive_span(q, k, v, spans=spans, max_span=40, span_ramp=4.0, radius=radius)
   np.testing.assert_allclose(trimmed, full, atol=1e-6)
-  shorter = attention.adaptive_span(q, k, v, spans=spans, max_span=40, ramp=4.0, radius=radius - 1)
+  shorter = attention.adaptive_span(q, k, v, spans=spans, max_span=40, span_ramp=4.0, radius=radius - 1)
   assert not np.allclose(shorter, full, atol=1e-6)
   np.testing.assert_allclose(attention.span_penalty(spans), np.mean(spans))
 
@@ -269,5 +173,10 @@ def test_implementation_switch_on_cpu():
   if jax.default_backend() != 'gpu':
     with pytest.raises(ValueError, match='needs a GPU'):
       attention.local(q, k, v, radius=4, implementation='cudnn')
-  with pytest.raises(ValueError, match="'auto', 'xla' or 'cudnn'"):
+  with pytest.raises(ValueError, match="one of 'auto', 'xla', 'cudnn'"):
     attention.dot_product(q, k, v, implementation='flash')
+  # Kinds whose registry entry lists only 'xla' refuse 'cudnn' on any backend.
+  with pytest.raises(ValueError, match="does not compute this kind"):
+    attention.transient_global(q, k, v, radius=4, summary_block=4, implementation='cudnn')
+  assert attention.spec('transient_global').implementations == ('xla',)
+  assert 'cudnn' in attention.spec('local').implementations

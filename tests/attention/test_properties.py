@@ -5,36 +5,45 @@ import numpy as np
 import pytest
 
 from longjax import attention
-from tests.attention.test_kernels import make_inputs, make_segments
+from tests.attention.cases import CASES, make_inputs, make_segments
 
-LENGTH = 150
-
-# Settings that make each kind look far (several blocks / levels at LENGTH).
-KERNELS = {
-    'full': lambda q, k, v, **kw: attention.dot_product(q, k, v, **kw),
-    'local': lambda q, k, v, **kw: attention.local(q, k, v, radius=7, **kw),
-    'global_local': lambda q, k, v, **kw: attention.global_local(q, k, v, radius=7, num_global=4, **kw),
-    'transient_global': lambda q, k, v, **kw: attention.transient_global(
-        q, k, v, radius=7, block_size=8, **kw),
-    'hierarchical': lambda q, k, v, **kw: attention.hierarchical(q, k, v, block_size=8, **kw),
-    'adaptive_span': lambda q, k, v, **kw: attention.adaptive_span(
-        q, k, v, spans=jnp.array([2.0, 5.0, 11.0, 30.0]), max_span=32, ramp=8.0, **kw),
-    'chunked': lambda q, k, v, **kw: attention.chunked(q, k, v, block_size=16, **kw),
-}
+LENGTH = 150  # several windows, blocks and levels of every case's settings
 
 
 def test_registry_lists_every_kind():
-  assert set(attention.KINDS) == set(KERNELS)
+  assert set(attention.KINDS) == {case.kind for case in CASES.values()}
   for kind in attention.KINDS:
     assert callable(attention.get(kind))
   with pytest.raises(ValueError, match='valid kinds are: full, local, global_local'):
     attention.get('sparse')
 
 
+def test_every_registry_entry_is_complete():
+  """A kind's entry names settings the config holds and the checks know, and a decode rule."""
+  from longjax.models import config as model_config  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in model_config.dataclasses.fields(model_config.AttentionConfig)}
+  for kind in attention.KINDS:
+    spec = attention.spec(kind)
+    assert spec.name == kind and spec.fn is attention.get(kind)
+    assert set(spec.params) <= set(attention.PARAMS) and set(spec.params) <= fields, kind
+    assert 'xla' in spec.implementations, kind
+    layout = spec.cache_layout(spec.settings(model_config.AttentionConfig()), 100)
+    assert layout.slots >= 1 and layout.pinned <= 100 and layout.ring <= 100, kind
+    assert len(layout.pool_sizes) == len(layout.pool_slots), kind
+
+
+def test_setting_checks_name_the_problem():
+  problems = attention.spec('hierarchical').problems(dict(level0_block=5))
+  assert problems == {'level0_block': 'must be even (each level halves it); got 5.'}
+  assert attention.spec('local').problems(dict(radius=0)) == {'radius': 'must be >= 1; got 0.'}
+  assert 'span_ramp' in attention.spec('adaptive_span').problems(dict(max_span=8, span_ramp=0.0))
+  assert not attention.spec('global_local').problems(dict(radius=4, num_global=0))
+
+
 @pytest.mark.parametrize('segments', [False, True], ids=['noseg', 'seg'])
-@pytest.mark.parametrize('kind', sorted(KERNELS))
+@pytest.mark.parametrize('kind', sorted(CASES))
 def test_causal_output_never_sees_the_future(kind, segments):
-  fn = jax.jit(lambda q, k, v, seg: KERNELS[kind](q, k, v, causal=True, segment_ids=seg))
+  fn = jax.jit(lambda q, k, v, seg: CASES[kind].kernel(q, k, v, True, seg))
   q, k, v = make_inputs(11, LENGTH)
   seg = make_segments(11, LENGTH) if segments else None
   base = fn(q, k, v, seg)
@@ -46,10 +55,9 @@ def test_causal_output_never_sees_the_future(kind, segments):
     assert not np.allclose(changed[:, t:], base[:, t:]), 'the perturbation must matter'
 
 
-@pytest.mark.parametrize('kind', ['local', 'adaptive_span'])
-def test_local_output_ignores_keys_beyond_radius(kind):
-  radius = 7 if kind == 'local' else 32
-  fn = jax.jit(lambda q, k, v: KERNELS[kind](q, k, v, causal=False))
+@pytest.mark.parametrize('kind,radius', [('local_r20', 20), ('adaptive_span', 12)])
+def test_local_output_ignores_keys_beyond_radius(kind, radius):
+  fn = jax.jit(lambda q, k, v: CASES[kind].kernel(q, k, v, False, None))
   q, k, v = make_inputs(12, LENGTH)
   base = fn(q, k, v)
   rng = np.random.default_rng(1)
@@ -67,7 +75,7 @@ def test_hierarchical_is_full_attention_when_one_block_covers_the_input():
   for causal in (False, True):
     full = attention.dot_product(q, k, v, causal=causal, segment_ids=seg)
     for block_size in (62, 64, 200):
-      got = attention.hierarchical(q, k, v, block_size=block_size, causal=causal, segment_ids=seg)
+      got = attention.hierarchical(q, k, v, level0_block=block_size, causal=causal, segment_ids=seg)
       np.testing.assert_allclose(got, full, atol=2e-6, rtol=2e-6)
 
 
@@ -75,7 +83,7 @@ def test_hierarchical_uses_coarse_keys_for_far_tokens():
   """Far away only a group's mean matters: swapping two values inside a far
   group leaves the output unchanged; swapping two near values does not."""
   q, k, v = make_inputs(14, 128)
-  fn = jax.jit(lambda v: attention.hierarchical(q, k, v, block_size=8))
+  fn = jax.jit(lambda v: attention.hierarchical(q, k, v, level0_block=8))
   base = fn(v)
   # Query 127: level-0 region [112, 136) is exact, R_1 = [96, 160),
   # R_2 = [64, 192), R_3 = [0, 256): tokens 0..63 are seen as means of 8.
@@ -91,7 +99,7 @@ def test_hierarchical_uses_coarse_keys_for_far_tokens():
 def _largest_intermediate(kind, length=2048):
   """Most elements of any array in the jaxpr of the kernel's forward + backward."""
   q, k, v = make_inputs(15, length, batch=1)
-  loss = lambda q, k, v: jnp.sum(KERNELS[kind](q, k, v, causal=True))
+  loss = lambda q, k, v: jnp.sum(CASES[kind].kernel(q, k, v, True, None))
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   biggest = 0
 
@@ -116,7 +124,7 @@ def test_full_attention_builds_length_squared_scores():
   assert _largest_intermediate('full') >= 4 * 2048 * 2048
 
 
-@pytest.mark.parametrize('kind', ['local', 'global_local', 'hierarchical', 'adaptive_span',
+@pytest.mark.parametrize('kind', ['local_r20', 'global_local', 'hierarchical', 'adaptive_span',
                                   'chunked'])
 def test_no_length_squared_array_in_forward_or_backward(kind):
   """Linear kinds build nothing near [heads, length, length] (here 16.8M elements)."""

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base
-from longjax import attention, models
+from longjax import attention, data, models
+from longjax.configs import base
 from longjax.data import sources
 from longjax.train import trainer, validation
 
@@ -19,7 +19,7 @@ REAL_SCALE_DEVICES = {'pg19': 16, 'wmt14': 8, 'arxiv': 16, 'long': 8}
 
 
 def task(name):
-  return importlib.import_module(f'configs.{name}')
+  return importlib.import_module(f'longjax.configs.{name}')
 
 
 def sizes(name):
@@ -49,15 +49,17 @@ def test_config_builds_and_is_consistent(name, arg):
   devices = REAL_SCALE_DEVICES.get(size, 1)
   mesh = resolved_mesh(config, devices)
   processes = max(1, devices // 4)  # e.g. 4 chips per TPU host
-  model_config = validation.validate_config(config, mesh_shape=mesh, process_count=processes)
-  abstract = nnx.eval_shape(lambda: models.build(model_config, rngs=nnx.Rngs(0)))
+  run_config = validation.validate_config(config, mesh_shape=mesh, process_count=processes)
+  abstract = nnx.eval_shape(lambda: models.build(run_config.model, rngs=nnx.Rngs(0)))
   params = jax.tree.leaves(nnx.state(abstract, nnx.Param))
   assert params and all(isinstance(p, jax.ShapeDtypeStruct) for p in params)
   assert config.seq_len <= config.model.max_len
-  assert (config.model.kind == 'encoder_decoder') == bool(config.dataset.target_key)
-  if not sources.is_synthetic(config.dataset.name):
-    builder = sources.get_builder(config.dataset)
-    keys = [config.dataset.input_key] + [config.dataset.target_key] * bool(config.dataset.target_key)
+  assert (config.model.arch == 'encoder_decoder') == bool(config.dataset.target_key)
+  data_config = data.DataConfig.from_config(config)
+  if not data_config.synthetic:
+    dataset = data_config.dataset
+    builder = sources.get_builder(dataset)
+    keys = [dataset.input_key] + [dataset.target_key] * bool(dataset.target_key)
     assert set(keys) <= set(builder.info.features.keys())
 
 
@@ -73,9 +75,9 @@ def test_docstrings_show_the_launch_command():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', TASKS)
-def test_one_training_step_of_each_small_config(name, tmp_path, tfds_data_dir):
+def test_one_training_step_of_each_small_config(name, tmp_path, data_dir):
   config = task(name).get_config()
-  config.dataset.data_dir = tfds_data_dir
+  config.dataset.data_dir = data_dir
   config.num_train_steps = 1
   config.num_eval_steps = 1
   config.eval_every_steps = 1

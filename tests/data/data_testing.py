@@ -1,40 +1,27 @@
-"""Helpers shared by the data tests (importable: pytest puts this folder on sys.path)."""
-import importlib.util
-import os
-
+"""Helpers shared by the data tests."""
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIGS_DIR = os.path.join(REPO_ROOT, 'configs')
-
-
-def load_config_module(path):
-  """Imports a config file by path (configs/ is not an installed package)."""
-  name = 'longjax_test_config_' + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from longjax import data
+from tests.testing import CONFIGS_DIR, REPO_ROOT, load_config_module, override  # noqa: F401
 
 
 def small_config(data_dir, **overrides):
-  """configs/base.py's config, small, reading and building in `data_dir`.
+  """longjax/configs/base.py's config, small, reading and building in `data_dir`.
 
   Overrides use '__' for nesting: small_config(d, dataset__name='passkey').
   """
-  config = load_config_module(os.path.join(CONFIGS_DIR, 'base.py')).get_config()
+  config = load_config_module('base').get_config()
   config.dataset.data_dir = data_dir
   config.seq_len = 64
   config.target_len = 32
   config.batch_size = 4
   config.dataset.prefetch = 0
-  for key, value in overrides.items():
-    *parents, leaf = key.split('__')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return override(config, **overrides)
+
+
+def small_data_config(data_dir, **overrides):
+  """small_config(data_dir, **overrides) as the data layer takes it: a DataConfig."""
+  return data.DataConfig.from_config(small_config(data_dir, **overrides))
 
 
 def sword_modules_installed():

@@ -1,4 +1,5 @@
 """Every dataset name longjax uses resolves with tfds, with the feature keys its config names."""
+import dataclasses
 import glob
 import inspect
 import os
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 import tensorflow_datasets as tfds
 
-import data_testing
+from tests.data import data_testing
 from longjax.data import sources
 
 # The tfds datasets the issue names for real runs, with the keys a config would use.
@@ -51,8 +52,9 @@ def config_file_names():
 
 
 def assert_resolves(name, input_key, target_key, data_dir=None):
-  config = data_testing.small_config(data_dir or '', dataset__name=name,
-                                     dataset__input_key=input_key, dataset__target_key=target_key)
+  config = data_testing.small_data_config(data_dir or '', dataset__name=name,
+                                          dataset__input_key=input_key,
+                                          dataset__target_key=target_key)
   if sources.is_synthetic(name):
     assert not target_key
     return
@@ -84,17 +86,18 @@ def test_embedded_datasets_resolve(name, tmp_path):
   assert_resolves(name, *EMBEDDED_DATASETS[name], data_dir=str(tmp_path))
 
 
-def test_bible_config_follows_verses_per_example(make_config):
-  config = make_config(dataset__name='longjax_bible_en_es', dataset__verses_per_example=16)
-  assert sources.get_builder(config.dataset).builder_config.name == 'verses_16'
-  config.dataset.verses_per_example = 3  # Not predefined: a config is made for it.
-  assert sources.get_builder(config.dataset).builder_config.verses_per_example == 3
-  config.dataset.name = 'longjax_bible_en_es/verses_64'  # An explicit config wins.
-  assert sources.get_builder(config.dataset).builder_config.verses_per_example == 64
+def test_bible_config_follows_verses_per_example(make_data_config):
+  dataset = make_data_config(dataset__name='longjax_bible_en_es',
+                             dataset__verses_per_example=16).dataset
+  assert sources.get_builder(dataset).builder_config.name == 'verses_16'
+  dataset = dataclasses.replace(dataset, verses_per_example=3)  # Not predefined: one is made.
+  assert sources.get_builder(dataset).builder_config.verses_per_example == 3
+  dataset = dataclasses.replace(dataset, name='longjax_bible_en_es/verses_64')  # Explicit wins.
+  assert sources.get_builder(dataset).builder_config.verses_per_example == 64
 
 
-def test_unknown_name_lists_what_exists(make_config):
-  config = make_config(dataset__name='no_such_dataset')
+def test_unknown_name_lists_what_exists(make_data_config):
+  config = make_data_config(dataset__name='no_such_dataset')
   for lookup in (sources.get_builder, lambda dataset: sources.get_data_source(dataset, 'train')):
     with pytest.raises(ValueError) as error:
       lookup(config.dataset)
@@ -102,8 +105,8 @@ def test_unknown_name_lists_what_exists(make_config):
       assert name in str(error.value)
 
 
-def test_missing_feature_key_is_named(make_config):
-  config = make_config(dataset__name='scientific_papers/arxiv', dataset__input_key='text')
+def test_missing_feature_key_is_named(make_data_config):
+  config = make_data_config(dataset__name='scientific_papers/arxiv', dataset__input_key='text')
   with pytest.raises(ValueError, match="input_key = 'text'.*'abstract', 'article'"):
     sources.check_feature_keys(config.dataset, sources.get_builder(config.dataset).info.features)
 
@@ -115,6 +118,7 @@ def run_python(code):
   return result.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # A subprocess.
 def test_translation_and_summarization_builders_register_without_h5py():
   # The trap: without h5py, tfds' legacy imports stop before summarization/translate.
   assert run_python("""
@@ -133,19 +137,18 @@ def test_translation_and_summarization_builders_register_without_h5py():
   """) in ('registered by longjax', 'tfds registered them by itself')
 
 
+@pytest.mark.slow  # A subprocess.
 def test_the_pipeline_never_imports_tensorflow(data_dir):
-  tests_dir = os.path.dirname(os.path.abspath(__file__))
   assert run_python(f"""
+      import dataclasses
       import sys
-      sys.path.insert(0, {tests_dir!r})
-      import data_testing
+      from tests.data import data_testing
       from longjax import data
       from longjax.data import sources
-      config = data_testing.small_config({data_dir!r})
+      config = data_testing.small_data_config({data_dir!r})
       batch = next(data.build_train_iterator(config, data.ByteTokenizer(), process_index=0,
                                              process_count=1))
       for name in ('pg19', 'wmt14_translate/de-en', 'scientific_papers/arxiv'):
-        config.dataset.name = name
-        sources.get_builder(config.dataset)
+        sources.get_builder(dataclasses.replace(config.dataset, name=name))
       print('tensorflow' in sys.modules)
   """) == 'False'

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import tensorflow_datasets as tfds
 
-from data_testing import requires_sword
+from tests.data.data_testing import requires_sword
 from longjax.data import embedded
 from longjax.data import sources
 from longjax.data import stdlib_corpus
@@ -77,8 +77,8 @@ def test_pystdlib_sample_is_deterministic_and_split_by_path_hash(tmp_path):
     assert all(expected_split(e['path']) == split for e in examples)
 
 
-def test_full_pystdlib_is_the_non_test_stdlib(make_config):
-  config = make_config()
+def test_full_pystdlib_is_the_non_test_stdlib(make_data_config):
+  config = make_data_config()
   train = sources.get_data_source(config.dataset, 'train')
   validation = sources.get_data_source(config.dataset, 'validation')
   paths = {tokenizers.as_str(source[i]['path'])
@@ -144,8 +144,8 @@ TEST_BOOKS = {'1Kgs', 'Mal', 'Rom', '2Cor', 'Col'}
 
 
 @requires_sword
-def test_bible_splits_by_book_and_groups_verses_within_chapters(make_config, tmp_path):
-  config = make_config(dataset__name='longjax_bible_en_es')  # verses_per_example = 4.
+def test_bible_splits_by_book_and_groups_verses_within_chapters(make_data_config, tmp_path):
+  config = make_data_config(dataset__name='longjax_bible_en_es')  # verses_per_example = 4.
   splits = {split: [{k: tokenizers.as_str(v) if isinstance(v, bytes) else v
                      for k, v in source[i].items()} for i in range(len(source))]
             for split in ('train', 'validation', 'test')
@@ -171,8 +171,8 @@ def test_bible_splits_by_book_and_groups_verses_within_chapters(make_config, tmp
 
 
 @requires_sword
-def test_bible_single_verses_are_all_aligned_pairs(make_config):
-  config = make_config(dataset__name='longjax_bible_en_es', dataset__verses_per_example=1)
+def test_bible_single_verses_are_all_aligned_pairs(make_data_config):
+  config = make_data_config(dataset__name='longjax_bible_en_es', dataset__verses_per_example=1)
   sources.get_data_source(config.dataset, 'train')  # Builds it (shared with other tests).
   builder = sources.get_builder(config.dataset)
   total = sum(split.num_examples for split in builder.info.splits.values())

@@ -1,7 +1,7 @@
 """The embedded datasets through the whole pipeline, as the default configs use them."""
 import numpy as np
 
-from data_testing import requires_sword
+from tests.data.data_testing import requires_sword
 from longjax import data
 from longjax.data import sources
 from longjax.data import tokenizers
@@ -9,13 +9,13 @@ from longjax.data import tokenizers
 TOKENIZER = tokenizers.ByteTokenizer()
 
 
-def test_default_pretraining_batches(make_config):
-  config = make_config()  # longjax_pystdlib, byte tokens, packed.
-  assert config.dataset.name == 'longjax_pystdlib' and not data.is_seq2seq(config)
+def test_default_pretraining_batches(make_config, make_data_config):
+  config = make_data_config()  # longjax_pystdlib, byte tokens, packed.
+  assert config.dataset.name == 'longjax_pystdlib' and not config.seq2seq
   batch = next(data.build_train_iterator(config, TOKENIZER, process_index=0, process_count=1))
   assert set(batch) == {'inputs', 'targets', 'weights', 'segment_ids', 'positions', 'global_mask'}
   assert batch['inputs'].shape == (4, 64)
-  assert batch['inputs'].max() < config.model.vocab_size == TOKENIZER.vocab_size
+  assert batch['inputs'].max() < make_config().model.vocab_size == TOKENIZER.vocab_size
   eval_batch = next(iter(data.build_eval_iterator(config, TOKENIZER, seq_len=128, process_index=0,
                                                   process_count=1)))
   assert eval_batch['inputs'].shape == (4, 128)
@@ -26,10 +26,9 @@ def test_default_pretraining_batches(make_config):
   assert not any(window in train_text for window in windows if len(window) > 100)
 
 
-def test_summarization_on_pydocs(make_config):
-  config = make_config(dataset__name='longjax_pydocs', dataset__input_key='source',
-                       dataset__target_key='docstring', model__kind='encoder_decoder',
-                       seq_len=512, target_len=64)
+def test_summarization_on_pydocs(make_data_config):
+  config = make_data_config(dataset__name='longjax_pydocs', dataset__input_key='source',
+                            dataset__target_key='docstring', seq_len=512, target_len=64)
   batch = next(iter(data.build_eval_iterator(config, TOKENIZER, process_index=0, process_count=1,
                                              with_text=True)))
   builder = sources.get_builder(config.dataset)  # Built by the line above.
@@ -43,10 +42,10 @@ def test_summarization_on_pydocs(make_config):
 
 
 @requires_sword
-def test_translation_on_the_bible(make_config):
-  config = make_config(dataset__name='longjax_bible_en_es', dataset__input_key='en',
-                       dataset__target_key='es', model__kind='encoder_decoder', seq_len=256,
-                       target_len=256, dataset__verses_per_example=1)
+def test_translation_on_the_bible(make_data_config):
+  config = make_data_config(dataset__name='longjax_bible_en_es', dataset__input_key='en',
+                            dataset__target_key='es', seq_len=256, target_len=256,
+                            dataset__verses_per_example=1)
   batch = next(iter(data.build_eval_iterator(config, TOKENIZER, process_index=0,
                                              process_count=1, with_text=True)))
   validation = sources.get_data_source(config.dataset, 'validation')

@@ -1,4 +1,5 @@
 """A training iterator restored from its saved state continues with exactly the same batches."""
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import data_testing
+from tests.data import data_testing
 from longjax import data
 from longjax.data import tokenizers
 
@@ -16,7 +17,7 @@ CASES = {
     'pystdlib_packed_prefetch': dict(dataset__prefetch=2),
     'pystdlib_unpacked': dict(dataset__pack=False),
     'bible_seq2seq': dict(dataset__name='longjax_bible_en_es', dataset__input_key='en',
-                          dataset__target_key='es', model__kind='encoder_decoder'),
+                          dataset__target_key='es'),
     'passkey': dict(dataset__name='passkey', seq_len=48),
     'associative_recall': dict(dataset__name='associative_recall'),
 }
@@ -38,23 +39,21 @@ def assert_resumes_exactly(config, skip, count=4):
 
 
 @pytest.mark.parametrize('case', sorted(CASES))
-def test_restored_iterator_continues_with_the_same_batches(case, make_config):
+def test_restored_iterator_continues_with_the_same_batches(case, make_data_config):
   if case.startswith('bible') and not data_testing.sword_modules_installed():
     pytest.skip('needs the SWORD Bible packages')
-  config = make_config(**CASES[case])
+  config = make_data_config(**CASES[case])
   expected = assert_resumes_exactly(config, skip=7)
   # Same config, fresh iterator: the same stream; another seed: another stream.
   fresh = data_testing.take(train_iterator(config), 11)[7:]
   data_testing.assert_batches_equal(expected, fresh)
-  config.seed = 1
-  other = data_testing.take(train_iterator(config), 11)[7:]
+  other = data_testing.take(train_iterator(dataclasses.replace(config, seed=1)), 11)[7:]
   assert not all((a['inputs'] == b['inputs']).all() for a, b in zip(expected, other))
 
 
-def test_restore_across_epochs_and_reshuffle(make_config):
-  config = make_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
-                       dataset__target_key='en', model__kind='encoder_decoder', seq_len=24,
-                       batch_size=4)
+def test_restore_across_epochs_and_reshuffle(make_data_config):
+  config = make_data_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
+                            dataset__target_key='en', seq_len=24, batch_size=4)
   with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
     batches = data_testing.take(train_iterator(config), 6)  # Three epochs of 8.
     assert_resumes_exactly(config, skip=3)  # Saved mid-epoch 2, resumed into epoch 3.
@@ -65,10 +64,10 @@ def test_restore_across_epochs_and_reshuffle(make_config):
   assert epochs[0] != epochs[1] != epochs[2]  # Reshuffled every epoch.
 
 
-def test_orbax_checkpoint_manager_round_trip(make_config, tmp_path):
+def test_orbax_checkpoint_manager_round_trip(make_data_config, tmp_path):
   import grain  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  config = make_config(dataset__prefetch=2)
+  config = make_data_config(dataset__prefetch=2)
   iterator = train_iterator(config)
   data_testing.take(iterator, 5)
   model_state = {'step': jnp.asarray(5), 'weights': jnp.arange(6.0).reshape(2, 3)}

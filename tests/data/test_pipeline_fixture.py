@@ -84,10 +84,10 @@ def test_fixture_reads_back_under_the_real_name_as_bytes(arxiv_dir):
   assert min(len(a) for a in articles) > 5_000  # Long documents, unlike the mocks.
 
 
-def test_summarization_batches_from_the_fixture(arxiv_dir, make_config):
-  config = make_config(dataset__name='scientific_papers/arxiv', dataset__data_dir=arxiv_dir,
-                       dataset__input_key='article', dataset__target_key='abstract',
-                       model__kind='encoder_decoder', seq_len=256, target_len=64, batch_size=2)
+def test_summarization_batches_from_the_fixture(arxiv_dir, make_data_config):
+  config = make_data_config(dataset__name='scientific_papers/arxiv', dataset__data_dir=arxiv_dir,
+                            dataset__input_key='article', dataset__target_key='abstract',
+                            seq_len=256, target_len=64, batch_size=2)
   tokenizer = tokenizers.ByteTokenizer()
   batches = list(data.build_eval_iterator(config, tokenizer, process_index=0, process_count=1,
                                           with_text=True))
@@ -110,9 +110,9 @@ def test_summarization_batches_from_the_fixture(arxiv_dir, make_config):
   assert (train['inputs_segment_ids'].sum(axis=1) == 256).all()  # Long inputs fill the source.
 
 
-def test_long_documents_are_cut_into_windows(arxiv_dir, make_config):
-  config = make_config(dataset__name='scientific_papers/arxiv', dataset__data_dir=arxiv_dir,
-                       dataset__input_key='article', seq_len=128, batch_size=4)
+def test_long_documents_are_cut_into_windows(arxiv_dir, make_data_config):
+  config = make_data_config(dataset__name='scientific_papers/arxiv', dataset__data_dir=arxiv_dir,
+                            dataset__input_key='article', seq_len=128, batch_size=4)
   tokenizer = tokenizers.ByteTokenizer()
   batches = list(data.build_eval_iterator(config, tokenizer, process_index=0, process_count=1))
   # Every (input, next token) pair of every document is counted exactly once.

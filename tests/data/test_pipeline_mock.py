@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import data_testing
+from tests.data import data_testing
 from longjax import data
 from longjax.data import tokenizers
 
@@ -35,9 +35,9 @@ def assert_lm_batch(batch, batch_size, seq_len):
   np.testing.assert_array_equal(batch['targets'][:, :-1][same], batch['inputs'][:, 1:][same])
 
 
-def test_lm_batches_over_pg19_mock(make_config, mock_tfds):
-  config = make_config(dataset__name='pg19', dataset__input_key='book_text', seq_len=32,
-                       batch_size=4)
+def test_lm_batches_over_pg19_mock(make_data_config, mock_tfds):
+  config = make_data_config(dataset__name='pg19', dataset__input_key='book_text', seq_len=32,
+                            batch_size=4)
   tokenizer = tokenizers.ByteTokenizer()
   with mock_tfds(12):
     books = set(mock_texts(config, 'train', 'book_text'))
@@ -56,10 +56,9 @@ def test_lm_batches_over_pg19_mock(make_config, mock_tfds):
   assert max(batch['segment_ids'].max() for batch in batches) >= 2
 
 
-def test_seq2seq_batches_over_wmt_mock(make_config, mock_tfds):
-  config = make_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
-                       dataset__target_key='en', model__kind='encoder_decoder', seq_len=24,
-                       target_len=12, batch_size=4)
+def test_seq2seq_batches_over_wmt_mock(make_data_config, mock_tfds):
+  config = make_data_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
+                            dataset__target_key='en', seq_len=24, target_len=12, batch_size=4)
   tokenizer = tokenizers.ByteTokenizer()
   with mock_tfds(10):
     batch = next(data.build_train_iterator(config, tokenizer, process_index=0, process_count=1))
@@ -79,10 +78,9 @@ def test_seq2seq_batches_over_wmt_mock(make_config, mock_tfds):
   assert (last <= 11).all()
 
 
-def test_eval_pads_the_last_batch_and_returns_text(make_config, mock_tfds):
-  config = make_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
-                       dataset__target_key='en', model__kind='encoder_decoder', seq_len=24,
-                       target_len=24, batch_size=4)
+def test_eval_pads_the_last_batch_and_returns_text(make_data_config, mock_tfds):
+  config = make_data_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
+                            dataset__target_key='en', seq_len=24, target_len=24, batch_size=4)
   tokenizer = tokenizers.ByteTokenizer()
   with mock_tfds(5):
     sources_de = mock_texts(config, 'validation', 'de')
@@ -105,9 +103,9 @@ def test_eval_pads_the_last_batch_and_returns_text(make_config, mock_tfds):
   assert padding['weights'][0].sum() > 0
 
 
-def test_eval_rows_split_across_processes(make_config, mock_tfds):
-  config = make_config(dataset__name='pg19', dataset__input_key='book_text', seq_len=16,
-                       batch_size=4)
+def test_eval_rows_split_across_processes(make_data_config, mock_tfds):
+  config = make_data_config(dataset__name='pg19', dataset__input_key='book_text', seq_len=16,
+                            batch_size=4)
   tokenizer = tokenizers.ByteTokenizer()
   with mock_tfds(9):
     single = list(data.build_eval_iterator(config, tokenizer, process_index=0, process_count=1))
@@ -120,10 +118,9 @@ def test_eval_rows_split_across_processes(make_config, mock_tfds):
       np.testing.assert_array_equal(whole[key], np.concatenate([first[key], second[key]]))
 
 
-def test_train_shards_by_process(make_config, mock_tfds):
-  config = make_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
-                       dataset__target_key='en', model__kind='encoder_decoder', seq_len=24,
-                       batch_size=4)
+def test_train_shards_by_process(make_data_config, mock_tfds):
+  config = make_data_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
+                            dataset__target_key='en', seq_len=24, batch_size=4)
   tokenizer = tokenizers.ByteTokenizer()
   with mock_tfds(8):
     encoded = [tuple(tokenizer.encode(text)) for text in mock_texts(config, 'train', 'de')]
@@ -138,22 +135,25 @@ def test_train_shards_by_process(make_config, mock_tfds):
   assert seen[0] | seen[1] == set(encoded)  # ...and together they read everything.
 
 
-def test_batch_size_must_divide_among_processes(make_config):
-  config = make_config(batch_size=6)
+def test_batch_size_must_divide_among_processes(make_data_config):
+  config = make_data_config(batch_size=6)
   with pytest.raises(ValueError, match='config.batch_size'):
     data.build_train_iterator(config, tokenizers.ByteTokenizer(), process_index=0, process_count=4)
   with pytest.raises(ValueError, match='config.batch_size'):
     data.build_eval_iterator(config, tokenizers.ByteTokenizer(), process_index=0, process_count=4)
 
 
-def test_task_kind_must_match_the_model(make_config):
-  tokenizer = tokenizers.ByteTokenizer()
-  with pytest.raises(ValueError, match='target_key'):
-    data.build_train_iterator(make_config(model__kind='encoder_decoder'), tokenizer,
-                              process_index=0, process_count=1)
-  config = make_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
-                       dataset__target_key='en')
-  assert data.is_seq2seq(config)
-  with pytest.raises(ValueError, match="encoder_decoder"):
-    data.build_train_iterator(config, tokenizer, process_index=0, process_count=1)
-  assert not data.is_seq2seq(make_config(dataset__name='passkey', dataset__target_key='x'))
+def test_seq2seq_is_a_target_feature_of_a_real_dataset(make_data_config):
+  # Whether the model fits the data (encoder_decoder needs seq2seq) is
+  # train/validation.py's check: the data layer never sees the model.
+  assert not make_data_config().seq2seq
+  assert make_data_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
+                          dataset__target_key='en').seq2seq
+  passkey = make_data_config(dataset__name='passkey', dataset__target_key='x')
+  assert passkey.synthetic and not passkey.seq2seq  # Synthetic tasks are LM rows.
+
+
+def test_with_text_is_for_seq2seq(make_data_config):
+  with pytest.raises(ValueError, match='with_text'):
+    data.build_eval_iterator(make_data_config(), tokenizers.ByteTokenizer(), process_index=0,
+                             process_count=1, with_text=True)

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from data_testing import requires_sword
+from tests.data.data_testing import requires_sword
 from longjax.data import sword
 
 # KJV versification (the Spanish module's): books, chapters and verses per testament.

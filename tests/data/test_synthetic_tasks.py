@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-import data_testing
+from tests.data import data_testing
 from longjax import data
 from longjax.data import synthetic
 from longjax.data import tokenizers
@@ -12,8 +12,8 @@ from longjax.data import tokenizers
 TOKENIZER = tokenizers.ByteTokenizer()
 
 
-def task(make_config, name, seq_len=64, split='train', **overrides):
-  config = make_config(dataset__name=name, **overrides)
+def task(make_data_config, name, seq_len=64, split='train', **overrides):
+  config = make_data_config(dataset__name=name, **overrides)
   return synthetic.make_task(config, TOKENIZER, split=split, seq_len=seq_len)
 
 
@@ -41,8 +41,8 @@ def assert_lm_row(row, seq_len):
 
 
 @pytest.mark.parametrize('seq_len', [32, 64, 257, 1000])
-def test_passkey_answer_is_the_hidden_key(make_config, seq_len):
-  passkey = task(make_config, 'passkey', seq_len=seq_len)
+def test_passkey_answer_is_the_hidden_key(make_data_config, seq_len):
+  passkey = task(make_data_config, 'passkey', seq_len=seq_len)
   for index in range(20):
     row = passkey[index]
     assert_lm_row(row, seq_len)
@@ -53,17 +53,17 @@ def test_passkey_answer_is_the_hidden_key(make_config, seq_len):
     assert row['weights'].sum() == 5 and (row['weights'][-5:] == 1).all()
 
 
-def test_passkey_depth_places_the_key(make_config):
+def test_passkey_depth_places_the_key(make_data_config):
   for depth, expected_start in ((0.0, 0), (1.0, 64 - 2 * 5 - 3), (0.5, round(0.5 * 51))):
-    row = task(make_config, 'passkey', synthetic__passkey_depth=depth)[3]
+    row = task(make_data_config, 'passkey', synthetic__passkey_depth=depth)[3]
     assert text_of(row).index('|') == expected_start
 
 
-def test_passkey_examples_are_reproducible_and_splits_differ(make_config):
-  train = task(make_config, 'passkey')
-  again = task(make_config, 'passkey')
-  evaluation = task(make_config, 'passkey', split='eval')
-  other_seed = task(make_config, 'passkey', seed=7)
+def test_passkey_examples_are_reproducible_and_splits_differ(make_data_config):
+  train = task(make_data_config, 'passkey')
+  again = task(make_data_config, 'passkey')
+  evaluation = task(make_data_config, 'passkey', split='eval')
+  other_seed = task(make_data_config, 'passkey', seed=7)
   for index in (0, 5, 999_999):
     data_testing.assert_batches_equal([train[index]], [again[index]])
   assert [answers(train[i]) for i in range(10)] != [answers(evaluation[i]) for i in range(10)]
@@ -73,8 +73,8 @@ def test_passkey_examples_are_reproducible_and_splits_differ(make_config):
     evaluation[256]  # pylint: disable=pointless-statement
 
 
-def test_passkey_with_natural_filler_hides_the_key_in_stdlib_text(make_config):
-  config = make_config(dataset__name='passkey', synthetic__filler='text', seq_len=256)
+def test_passkey_with_natural_filler_hides_the_key_in_stdlib_text(make_data_config):
+  config = make_data_config(dataset__name='passkey', synthetic__filler='text', seq_len=256)
   batch = next(data.build_train_iterator(config, TOKENIZER, process_index=0, process_count=1))
   random_filler = set(synthetic.FILLER_CHARS)
   for row in range(4):
@@ -86,8 +86,8 @@ def test_passkey_with_natural_filler_hides_the_key_in_stdlib_text(make_config):
     assert set(before + filler) - random_filler
 
 
-def test_associative_recall_answers_are_the_queried_values(make_config):
-  recall = task(make_config, 'associative_recall', synthetic__num_pairs=8,
+def test_associative_recall_answers_are_the_queried_values(make_data_config):
+  recall = task(make_data_config, 'associative_recall', synthetic__num_pairs=8,
                 synthetic__num_queries=4)
   for index in range(20):
     row = recall[index]
@@ -102,8 +102,8 @@ def test_associative_recall_answers_are_the_queried_values(make_config):
     assert answers(row) == queries[1::2]
 
 
-def test_selective_copy_answers_are_the_scattered_tokens(make_config):
-  copy = task(make_config, 'selective_copy', synthetic__copy_tokens=6)
+def test_selective_copy_answers_are_the_scattered_tokens(make_data_config):
+  copy = task(make_data_config, 'selective_copy', synthetic__copy_tokens=6)
   for index in range(20):
     row = copy[index]
     assert_lm_row(row, 64)
@@ -112,8 +112,8 @@ def test_selective_copy_answers_are_the_scattered_tokens(make_config):
     assert len(copied) == 6
 
 
-def test_answer_accuracy_counts_only_weighted_targets(make_config):
-  config = make_config(dataset__name='passkey', batch_size=8)
+def test_answer_accuracy_counts_only_weighted_targets(make_data_config):
+  config = make_data_config(dataset__name='passkey', batch_size=8)
   batch = next(iter(data.build_eval_iterator(config, TOKENIZER, process_index=0, process_count=1)))
   assert batch['weights'].sum() == 8 * 5
   assert synthetic.answer_accuracy(batch['targets'], batch) == (1.0, 1.0)
@@ -124,31 +124,32 @@ def test_answer_accuracy_counts_only_weighted_targets(make_config):
   assert synthetic.answer_accuracy(one_digit_off, batch) == (1 - 1 / 40, 7 / 8)
 
 
-def test_eval_at_another_length_and_padding(make_config):
-  config = make_config(dataset__name='passkey', synthetic__num_eval_examples=10, batch_size=4)
+def test_eval_at_another_length_and_padding(make_data_config):
+  config = make_data_config(dataset__name='passkey', synthetic__num_eval_examples=10, batch_size=4)
   batches = list(data.build_eval_iterator(config, TOKENIZER, seq_len=256, process_index=0,
                                           process_count=1))
   assert len(batches) == 3 and all(b['inputs'].shape == (4, 256) for b in batches)
   assert [b['weights'].sum() for b in batches] == [20, 20, 10]  # Two padding rows at the end.
-  config.eval_seq_len = 128
+  config = make_data_config(dataset__name='passkey', synthetic__num_eval_examples=10,
+                            batch_size=4, eval_seq_len=128)
   batch = next(iter(data.build_eval_iterator(config, TOKENIZER, process_index=0, process_count=1)))
   assert batch['inputs'].shape == (4, 128)
 
 
-def test_too_short_or_unknown_tasks_raise(make_config):
+def test_too_short_or_unknown_tasks_raise(make_data_config):
   with pytest.raises(ValueError, match='too short'):
-    task(make_config, 'passkey', seq_len=12)
+    task(make_data_config, 'passkey', seq_len=12)
   with pytest.raises(ValueError, match='too short'):
-    task(make_config, 'associative_recall', seq_len=20)
+    task(make_data_config, 'associative_recall', seq_len=20)
   with pytest.raises(ValueError, match='filler'):
-    task(make_config, 'passkey', synthetic__filler='poetry')
+    task(make_data_config, 'passkey', synthetic__filler='poetry')
 
 
-def test_tasks_need_single_token_characters(make_config):
+def test_tasks_need_single_token_characters(make_data_config):
   class WordTokenizer(tokenizers.ByteTokenizer):
     def encode_to_array(self, text):
       return np.asarray([7, 8], np.int32)  # Every character takes two tokens.
 
-  config = make_config(dataset__name='passkey')
+  config = make_data_config(dataset__name='passkey')
   with pytest.raises(ValueError, match='one token'):
     synthetic.make_task(config, WordTokenizer(), split='train', seq_len=64)[0]  # pylint: disable=expression-not-assigned

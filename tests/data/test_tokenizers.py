@@ -1,10 +1,12 @@
 """Tokenizers: byte ids, round trips, specials, bits-per-byte counts, SentencePiece training."""
+import dataclasses
 import os
 import threading
 
 import numpy as np
 import pytest
 
+from longjax import data
 from longjax.data import sources
 from longjax.data import tokenizers
 
@@ -43,9 +45,14 @@ def test_byte_tokenizer_counts_one_byte_per_real_token():
   assert tokenizer.token_byte_lengths[np.array(ids)].sum() == len('héllo'.encode('utf-8'))
 
 
-def test_get_tokenizer_rejects_unknown_kind(make_config):
-  with pytest.raises(ValueError, match='bytes'):
-    tokenizers.get_tokenizer(make_config(tokenizer__kind='wordpiece'), None)
+def test_unknown_tokenizer_kind_is_rejected(make_data_config):
+  with pytest.raises(ValueError, match="config.tokenizer.kind = 'wordpiece': must be 'bytes'"):
+    make_data_config(tokenizer__kind='wordpiece')
+
+
+def with_spm_model_path(config, path):
+  return dataclasses.replace(config, tokenizer=dataclasses.replace(config.tokenizer,
+                                                                   spm_model_path=path))
 
 
 @pytest.fixture(scope='module')
@@ -54,10 +61,10 @@ def spm_workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def trained_spm(spm_workdir, make_config):
+def trained_spm(spm_workdir, make_data_config):
   """A 2k-piece model trained by get_tokenizer on longjax_pystdlib's training split."""
-  config = make_config(tokenizer__kind='sentencepiece', tokenizer__spm_vocab_size=2000)
-  return tokenizers.get_tokenizer(config, spm_workdir, process_index=0), config
+  config = make_data_config(tokenizer__kind='sentencepiece', tokenizer__spm_vocab_size=2000)
+  return data.get_tokenizer(config, spm_workdir, process_index=0), config
 
 
 def test_sentencepiece_trains_on_the_embedded_corpus(trained_spm, spm_workdir):
@@ -84,23 +91,21 @@ def test_sentencepiece_reuses_a_trained_model_and_loads_a_path(trained_spm, spm_
   tokenizer, config = trained_spm
   model_path = os.path.join(spm_workdir, 'spm.model')
   mtime = os.path.getmtime(model_path)
-  again = tokenizers.get_tokenizer(config, spm_workdir, process_index=0)
+  again = data.get_tokenizer(config, spm_workdir, process_index=0)
   assert os.path.getmtime(model_path) == mtime
-  config.tokenizer.spm_model_path = model_path
-  loaded = tokenizers.get_tokenizer(config, None)
+  loaded = data.get_tokenizer(with_spm_model_path(config, model_path), None)
   assert loaded.encode('import os\n') == again.encode('import os\n') == tokenizer.encode('import os\n')
 
 
 def test_other_processes_wait_for_process_zero(trained_spm, tmp_path):
   _, config = trained_spm
-  config.tokenizer.spm_model_path = ''
   with pytest.raises(TimeoutError, match='process 0'):
-    tokenizers.get_tokenizer(config, str(tmp_path), process_index=1, wait_timeout_s=0.2)
+    data.get_tokenizer(config, str(tmp_path), process_index=1, wait_timeout_s=0.2)
   # Once process 0's file appears, a waiting process loads it.
   source_model = trained_spm[0].model_path
   timer = threading.Timer(0.3, lambda: os.link(source_model, tmp_path / 'spm.model'))
   timer.start()
-  waited = tokenizers.get_tokenizer(config, str(tmp_path), process_index=1, wait_timeout_s=30)
+  waited = data.get_tokenizer(config, str(tmp_path), process_index=1, wait_timeout_s=30)
   timer.join()
   assert waited.vocab_size == 2000
 

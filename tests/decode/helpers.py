@@ -4,20 +4,10 @@ import numpy as np
 from flax import nnx
 
 from longjax import models
+from longjax.models import testing
 
-# Small enough that every window wraps within a 13-token prompt: radius 4
-# (a ring of 5), 2 global tokens, blocks of 4, spans up to 8.
-ATTENTION = dict(radius=4, num_global=2, block_size=4, max_span=8, span_ramp=2.0,
-                 span_init=0.5)
-
-
-def tiny(attention_kind='full', **overrides):
-  """A 2-layer fp32 model with grouped-query attention (4 heads, 2 kv heads)."""
-  attention = dict(ATTENTION, kind=attention_kind, **overrides.pop('attention', {}))
-  base = dict(kind='lm', num_layers=2, emb_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
-              vocab_size=50, max_len=128, dtype='float32', param_dtype='float32')
-  base.update(overrides)
-  return models.ModelConfig.from_config(dict(base, attention=attention))
+ATTENTION = testing.TINY_ATTENTION
+tiny = testing.tiny_model_config  # a 2-layer fp32 model, 4 heads over 2 kv heads
 
 
 def build(config, seed=0):
@@ -35,6 +25,6 @@ def tokens(seed, shape, low=3, high=50):
 
 def forward(model):
   """The model's own (teacher-forced) forward, jitted: ids -> logits."""
-  if model.config.kind == 'lm':
+  if model.config.arch == 'lm':
     return jax.jit(lambda ids: model(ids)[0])
   return jax.jit(lambda src, seg, tgt: model(src, tgt, inputs_segment_ids=seg)[0])

@@ -36,7 +36,7 @@ CASES = [
 
 
 def test_cases_cover_every_kind():
-  assert {kind for kind, _ in CASES} == set(attention.KINDS) == set(kv_cache.DECODABLE_KINDS)
+  assert {kind for kind, _ in CASES} == set(attention.KINDS)
 
 
 @pytest.mark.parametrize('kind,positions', CASES)
@@ -80,9 +80,10 @@ def test_mixed_layers_step_by_step_equal_teacher_forcing():
     np.testing.assert_allclose(logits, full[rows, positions], atol=2e-5, err_msg=f'step {i}')
 
 
-@pytest.mark.parametrize('decoder_kind,positions', [('local', 't5_bias'), ('full', 'rope')])
+@pytest.mark.parametrize('decoder_kind,positions', [
+    ('local', 't5_bias'), ('full', 'rope'), ('hierarchical', 'rope'), ('adaptive_span', 't5_bias')])
 def test_encoder_decoder_logits_equal_teacher_forcing(decoder_kind, positions):
-  config = helpers.tiny('transient_global', kind='encoder_decoder', positions=positions,
+  config = helpers.tiny('transient_global', arch='encoder_decoder', positions=positions,
                         attention=dict(decoder_kind=decoder_kind, radius=3))
   model = helpers.build(config)
   graphdef, params = helpers.split(model)
@@ -115,7 +116,7 @@ def test_rolling_cache_does_not_grow_with_the_generation(kind):
   window = short[0].window
   assert window.k == window.v == (2, 2, slots, 8) and window.pos == (2, slots)
   assert long[0].window == window
-  if kind == 'hierarchical':  # a ring of <= 2 * block_size group means per level
+  if kind == 'hierarchical':  # a ring of <= 2 * level0_block group means per level
     assert all(p.k[2] <= 8 for p in long[0].pooled)
     assert len(long[0].pooled) == 14 and len(short[0].pooled) == 2  # log2(length / 8)
   elif kind == 'transient_global':  # one summary per block, as many as the kernel uses

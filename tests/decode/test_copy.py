@@ -27,7 +27,7 @@ def copy_batch(rng, batch):
 
 def train_copy_model(steps=300):
   # Learned (absolute) positions let cross-attention find the position to copy.
-  config = helpers.tiny('full', kind='encoder_decoder', emb_dim=64, mlp_dim=128,
+  config = helpers.tiny('full', arch='encoder_decoder', emb_dim=64, mlp_dim=128,
                         vocab_size=VOCAB, max_len=32, positions='learned',
                         attention=dict(decoder_kind='local'))
   model = helpers.build(config)

@@ -9,11 +9,13 @@ import sacrebleu
 import tensorflow_datasets as tfds
 from rouge_score import rouge_scorer
 
-from configs import base as base_config
+from longjax.configs import base as base_config
+from longjax import data
 from longjax import decode
 from longjax.data import tokenizers
 from longjax.decode import evaluate
 from tests.decode import helpers
+from tests.testing import override
 
 PAIRS = [
     ('the cat sat on a mat', 'the cat sat on the mat'),
@@ -68,22 +70,21 @@ def test_lm_prompts_split_at_the_answer_or_continue_the_document():
 
 
 def small_config(**overrides):
+  """longjax/configs/base.py, small, with overrides ('__' nests)."""
   config = base_config.get_config()
   config.batch_size = 4
-  config.num_eval_steps = -1
   config.dataset.prefetch = 0
   config.decode.max_decode_len = 8
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('__')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return override(config, **overrides)
 
 
-def byte_model(kind):
-  config = helpers.tiny('local', kind=kind, vocab_size=259, max_len=64)
+def typed(config):
+  """(DataConfig, DecodeSettings) of a config: what decode_and_score and sample_texts take."""
+  return data.DataConfig.from_config(config), decode.DecodeSettings.from_config(config.decode)
+
+
+def byte_model(arch):
+  config = helpers.tiny('local', arch=arch, vocab_size=259, max_len=64)
   return helpers.build(config)
 
 
@@ -96,7 +97,8 @@ def test_decode_and_score_on_passkey_writes_predictions(tmp_path):
   config = small_config(dataset__name='passkey', seq_len=24, synthetic__num_eval_examples=6,
                         synthetic__passkey_digits=4)
   tokenizer = tokenizers.ByteTokenizer()
-  metrics = decode.decode_and_score(config, str(tmp_path), byte_model('lm'), tokenizer, step=7)
+  metrics = decode.decode_and_score(*typed(config), str(tmp_path), byte_model('lm'), tokenizer,
+                                    step=7)
   rows = read_predictions(str(tmp_path), 7)
   assert len(rows) == 6 and metrics['num_examples'] == 6
   for row in rows:
@@ -112,16 +114,16 @@ def test_decode_and_score_on_passkey_writes_predictions(tmp_path):
 
 def test_decode_and_score_on_seq2seq_writes_every_real_example_in_order(tmp_path):
   config = small_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
-                        dataset__target_key='en', model__kind='encoder_decoder', seq_len=24,
+                        dataset__target_key='en', seq_len=24,
                         target_len=16, decode__beam_size=2,
                         dataset__data_dir=str(tmp_path / 'tfds'))
   tokenizer = tokenizers.ByteTokenizer()
   with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
     source = tfds.data_source(config.dataset.name, split='validation')
     examples = [source[i] for i in range(len(source))]
-    metrics = decode.decode_and_score(config, str(tmp_path), byte_model('encoder_decoder'),
-                                      tokenizer)
-    samples = decode.sample_texts(config, byte_model('encoder_decoder'), tokenizer,
+    metrics = decode.decode_and_score(*typed(config), str(tmp_path),
+                                      byte_model('encoder_decoder'), tokenizer)
+    samples = decode.sample_texts(*typed(config), byte_model('encoder_decoder'), tokenizer,
                                   num_examples=2)
   rows = read_predictions(str(tmp_path), 0)
   # 5 examples in two batches of 4: the 3 padding rows are not decoded.
@@ -136,7 +138,7 @@ def test_decode_and_score_on_seq2seq_writes_every_real_example_in_order(tmp_path
 
 def test_sample_texts_on_lm_rows_takes_graphdef_and_params():
   config = small_config(dataset__name='passkey', seq_len=24, synthetic__num_eval_examples=8)
-  config.decode.num_examples = 3
   model = helpers.split(byte_model('lm'))  # the trainer passes (graphdef, params)
-  samples = decode.sample_texts(config, model, tokenizers.ByteTokenizer())
+  samples = decode.sample_texts(*typed(config), model, tokenizers.ByteTokenizer(),
+                                num_examples=3)
   assert len(samples) == 3 and all(len(s['reference']) == 5 for s in samples)

@@ -86,7 +86,7 @@ def test_top_p_keeps_the_smallest_nucleus_per_row():
 
 
 def seq2seq_model(vocab, seed=0):
-  config = helpers.tiny('local', kind='encoder_decoder', vocab_size=vocab, tie_embeddings=False,
+  config = helpers.tiny('local', arch='encoder_decoder', vocab_size=vocab, tie_embeddings=False,
                         attention=dict(decoder_kind='local'))
   return helpers.build(config, seed)
 

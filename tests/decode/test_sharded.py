@@ -7,6 +7,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+# Runs in a 4-device subprocess.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCRIPT = textwrap.dedent('''
@@ -39,7 +44,7 @@ SCRIPT = textwrap.dedent('''
         np.testing.assert_array_equal(spread.tokens, alone.tokens)
         np.testing.assert_allclose(spread.scores, alone.scores, rtol=1e-4)
 
-    seq2seq = helpers.build(helpers.tiny('local', kind='encoder_decoder',
+    seq2seq = helpers.build(helpers.tiny('local', arch='encoder_decoder',
                                          attention=dict(decoder_kind='local')))
     graphdef, params = helpers.split(seq2seq)
     source = helpers.tokens(1, (4, 11))

@@ -1,89 +1,141 @@
-"""The comparison tool on hand-written run directories, and the sweep plan."""
+"""The comparison tool on hand-written run directories (tests/experiments/fake_runs.py)."""
 import csv
-import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from experiments import compare, sweep
+from experiments import compare
+from tests.experiments.fake_runs import simple_run, train_records, write_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def write_run(root, kind, length, seed, final_accuracy, speeds, last_step=100, memory=None):
-  workdir = os.path.join(root, kind, f'L{length}_s{seed}')
-  os.makedirs(workdir)
-  config = dict(seed=seed, seq_len=length, num_train_steps=last_step,
-                dataset=dict(name='passkey'), model=dict(attention=dict(kind=kind)))
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(config, f)
-  records = [dict(step=s, split='train', loss=2.0 / (1 + s), tokens_per_sec=v,
-                  **({'peak_memory_bytes': memory} if memory else {}))
-             for s, v in zip(range(10, last_step + 1, 10), speeds)]
-  records += [dict(step=last_step // 2, split='eval', accuracy=0.1, perplexity=9.0),
-              dict(step=last_step, split='eval', accuracy=final_accuracy, perplexity=3.0)]
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
-    f.writelines(json.dumps(r) + '\n' for r in records)
-  return workdir
+def read_csv(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
 
 
 def test_table_takes_final_eval_and_median_speed(tmp_path):
   root = str(tmp_path / 'sweep')
-  write_run(root, 'local', 64, 0, 0.9, [1000, 500, 600, 700], memory=2e6)
-  write_run(root, 'local', 128, 0, 0.4, [900, 400, 410, 420])
-  write_run(root, 'full', 64, 0, 0.95, [800, 300, 310, 320])
-  write_run(root, 'full', 64, 1, 0.85, [800, 300, 310, 320])
+  simple_run(root, 'local', 64, 0, 0.9, [1000, 500, 600, 700], memory=2e6)
+  simple_run(root, 'local', 128, 0, 0.4, [900, 400, 410, 420])
+  simple_run(root, 'full', 64, 0, 0.95, [800, 300, 310, 320])
+  simple_run(root, 'full', 64, 1, 0.85, [800, 300, 310, 320])
   rows = compare.table(compare.load_runs([root]))
-  assert [(r['kind'], r['length'], r['seed']) for r in rows] == [
-      ('full', 64, 0), ('full', 64, 1), ('local', 64, 0), ('local', 128, 0)]
+  assert [(r['kind'], r['length'], r['eval_seq_len'], r['seed']) for r in rows] == [
+      ('full', 64, 64, 0), ('full', 64, 64, 1), ('local', 64, 64, 0), ('local', 128, 128, 0)]
   local64 = rows[2]
-  assert local64['accuracy'] == 0.9 and local64['perplexity'] == 3.0
+  assert local64['accuracy'] == 0.9 and local64['perplexity'] == 3.0 and local64['step'] == 100
   assert local64['tokens_per_sec'] == 600  # median of the steps after the first (compile)
-  assert local64['peak_memory_bytes'] == 2e6
-  series = compare._by_kind(rows, 'accuracy')  # pylint: disable=protected-access
+  assert local64['peak_memory_bytes'] == 2e6 and local64['compiled_memory_bytes'] is None
+  from experiments import plots  # pylint: disable=g-import-not-at-top
+  series = plots.series_by_kind(rows, 'accuracy')
   assert series['full'] == [(64, pytest.approx(0.9), 0.85, 0.95)]
+
+
+def test_compare_cli_keeps_each_eval_at_its_own_length(tmp_path):
+  """A run trained at L=64, then `--mode=eval --config.eval_seq_len=128` and
+  `--mode=decode`: all three write records at step 600. The L=64 row must keep
+  the L=64 eval (0.8234), not the L=128 one written after it (0.6711)."""
+  root = str(tmp_path / 'sweep')
+  records = train_records([900.0, 500.0, 700.0], every=200, compiled_memory_bytes=3 * 2**20,
+                          peak_memory_bytes=600 * 2**20)
+  records += [
+      dict(step=600, split='eval', loss=0.52, accuracy=0.8234, exact_match=0.2969,
+           perplexity=1.68, seq_len=64),
+      dict(step=600, split='eval', loss=1.059, accuracy=0.6711, exact_match=0.1094,
+           perplexity=2.88, seq_len=128),
+      dict(step=600, split='decode', rouge1=30.08, rougeL=30.08, bleu=0.0, exact_match=0.3008,
+           num_examples=256),
+  ]
+  write_run(root, 'full', 64, 0, records, last_step=600)
+  out = str(tmp_path / 'report')
+  result = subprocess.run([sys.executable, '-m', 'experiments.compare', root, f'--out={out}'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr
+  rows = read_csv(os.path.join(out, 'runs.csv'))
+  # The run's result at its training length (the bug: 0.6711, the L=128 eval).
+  assert [r['accuracy'] for r in rows if r.get('eval_seq_len', r['length']) == '64'] == [
+      '0.8234']
+  assert [(r['kind'], r['length'], r['eval_seq_len']) for r in rows] == [
+      ('full', '64', '64'), ('full', '64', '128')]
+  own, longer = rows
+  assert (own['step'], own['accuracy'], own['exact_match'], own['loss']) == (
+      '600', '0.8234', '0.2969', '0.52')
+  assert (longer['step'], longer['accuracy'], longer['exact_match'], longer['loss']) == (
+      '600', '0.6711', '0.1094', '1.059')
+  # Decode scores (generated text) sit in their own columns, on the row of the
+  # length they decoded at, apart from the teacher-forced exact match.
+  assert (own['decode_exact_match'], own['decode_rouge1'], own['decode_step']) == (
+      '0.3008', '30.08', '600')
+  assert longer['decode_exact_match'] == ''
+  # Training measurements belong to the training length only (median after the first).
+  assert own['tokens_per_sec'] == '600.0' and longer['tokens_per_sec'] == ''
+  assert own['compiled_memory_bytes'] == str(float(3 * 2**20))
+  assert own['peak_memory_bytes'] == str(float(600 * 2**20))
+  # The console table shows the same two rows.
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith('kind | length | eval_seq_len | seed | step | accuracy')
+  assert lines[1].startswith('full | 64 | 64 | 0 | 600 | 0.8234')
+  assert lines[2].startswith('full | 64 | 128 | 0 | 600 | 0.6711')
+  # The accuracy plot is drawn from the training-length rows only.
+  from experiments import plots  # pylint: disable=g-import-not-at-top
+  assert plots.series_by_kind(compare.table(compare.load_runs([root])), 'accuracy') == {
+      'full': [(64, 0.8234, 0.8234, 0.8234)]}
+
+
+def test_eval_record_without_seq_len_counts_as_the_training_length(tmp_path):
+  root = str(tmp_path)
+  write_run(root, 'local', 32, 0, [
+      dict(step=100, split='eval', accuracy=0.5),  # written before evals logged seq_len
+      dict(step=100, split='eval', accuracy=0.2, seq_len=256),
+      dict(step=50, split='eval', accuracy=0.4, seq_len=32),  # an earlier step: not the result
+  ])
+  rows = compare.table(compare.load_runs([root]))
+  assert [(r['eval_seq_len'], r['accuracy']) for r in rows] == [(32, 0.5), (256, 0.2)]
+
+
+def test_label_is_the_layer_pattern_and_old_configs_load(tmp_path):
+  root = str(tmp_path)
+  write_run(root, 'pattern', 64, 0, [dict(step=10, split='eval', accuracy=0.7, seq_len=64)],
+            attention=dict(kind='full', layer_pattern=['local', 'local', 'full']))
+  write_run(root, 'pattern_str', 64, 0, [dict(step=10, split='eval', accuracy=0.6)],
+            attention=dict(kind='full', layer_pattern='global_local,full'))
+  # A config from before model.kind became model.arch.
+  write_run(root, 'old', 64, 0, [dict(step=10, split='eval', accuracy=0.5)],
+            attention=dict(kind='hierarchical', layer_pattern=[]), model=dict(kind='lm'))
+  rows = compare.table(compare.load_runs([root]))
+  assert {r['kind']: r['accuracy'] for r in rows} == {
+      'local,local,full': 0.7, 'global_local,full': 0.6, 'hierarchical': 0.5}
+
+
+def test_mean_span_and_every_eval_metric_are_exported(tmp_path):
+  root = str(tmp_path / 'runs')
+  records = train_records([100.0, 100.0], mean_span=5.0)
+  records[-1]['mean_span'] = 7.25  # the last train record: the final weights' span
+  records += [dict(step=20, split='eval', accuracy=0.3, answer_loss=0.125, seq_len=32)]
+  write_run(root, 'adaptive_span', 32, 0, records, last_step=20)
+  out = str(tmp_path / 'report')
+  compare.main([root, f'--out={out}'])
+  (row,) = read_csv(os.path.join(out, 'runs.csv'))
+  assert row['mean_span'] == '7.25' and row['answer_loss'] == '0.125'
+  assert os.path.getsize(os.path.join(out, 'answer_loss_vs_length.png')) > 1000
 
 
 def test_report_writes_csv_and_plots(tmp_path):
   root = str(tmp_path / 'sweep')
   for kind in ('full', 'local'):
     for length in (32, 64, 128):
-      write_run(root, kind, length, 0, 1.0 - length / 256, [500, 400, 400])
+      simple_run(root, kind, length, 0, 1.0 - length / 256, [500, 400, 400])
   out = str(tmp_path / 'report')
   rows = compare.report([root], out)
   assert len(rows) == 6
-  with open(os.path.join(out, 'runs.csv')) as f:
-    table = list(csv.DictReader(f))
+  table = read_csv(os.path.join(out, 'runs.csv'))
   assert {r['kind'] for r in table} == {'full', 'local'}
   for name in ('accuracy_vs_length.png', 'perplexity_vs_length.png',
                'tokens_per_sec_vs_length.png', 'loss_curves.png'):
     path = os.path.join(out, name)
     assert os.path.getsize(path) > 1000, name
   assert not os.path.exists(os.path.join(out, 'memory_vs_length.png'))  # no run logged memory
-
-
-def test_sweep_plans_one_workdir_per_combination_and_skips_finished(tmp_path):
-  runs = sweep.plan(str(tmp_path), ['full', 'local'], [32, 64], [0, 1])
-  assert len(runs) == 8 and len({r.workdir for r in runs}) == 8
-  cmd = runs[0].command('configs/passkey.py', 'tiny', ['num_train_steps=5'])
-  assert cmd[1:] == ['-m', 'longjax.main', '--config=configs/passkey.py:full,tiny',
-                     f'--workdir={runs[0].workdir}', '--config.seq_len=32', '--config.seed=0',
-                     '--config.num_train_steps=5']
-  done = write_run(str(tmp_path), 'full', 32, 0, 0.5, [1, 1], last_step=20)
-  assert runs[0].workdir == done and sweep.is_finished(done)
-  unfinished = write_run(str(tmp_path / 'x'), 'local', 32, 0, 0.5, [1, 1], last_step=20)
-  with open(os.path.join(unfinished, 'config.json')) as f:
-    config = json.load(f)
-  config['num_train_steps'] = 40
-  with open(os.path.join(unfinished, 'config.json'), 'w') as f:
-    json.dump(config, f)
-  assert not sweep.is_finished(unfinished)
-  assert not sweep.is_finished(str(tmp_path / 'missing'))
-
-
-def test_sweep_tokens_per_batch_keeps_tokens_per_step_constant():
-  runs = sweep.plan('/tmp/sweep', ['local'], [128, 512, 2048], [0])
-  batches = [int(next(a for a in run.command('configs/pretrain.py', tokens_per_batch=4096)
-                      if a.startswith('--config.batch_size=')).split('=')[1]) for run in runs]
-  assert batches == [32, 8, 2]
-  assert not any('batch_size' in a for a in runs[0].command('configs/pretrain.py'))
-  with pytest.raises(ValueError, match='tokens_per_batch=1000'):
-    sweep.batch_for(1000, 128)

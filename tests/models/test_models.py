@@ -10,15 +10,10 @@ import pytest
 from flax import nnx
 
 from longjax import attention, models
+from longjax.models import testing
 
 
-def tiny(attention_kind='full', **overrides):
-  att = dict(kind=attention_kind, radius=4, num_global=2, block_size=4, max_span=8, span_ramp=2.0)
-  att.update(overrides.pop('attention', {}))
-  base = dict(kind='lm', num_layers=2, emb_dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
-              vocab_size=50, max_len=128, dtype='float32', param_dtype='float32')
-  base.update(overrides)
-  return models.ModelConfig.from_config(dict(base, attention=att))
+tiny = testing.tiny_model_config
 
 
 def build(config, seed=0):
@@ -35,7 +30,7 @@ def count_params(model):
 
 def expected_param_count(c: models.ModelConfig):
   """Written from the architecture, independently of the model code."""
-  e, h, hk, d, m, v = (c.emb_dim, c.num_heads, c.kv_heads, c.dim_per_head, c.mlp_dim,
+  e, h, hk, d, m, v = (c.emb_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim,
                        c.vocab_size)
   attention_weights = e * h * d + 2 * e * hk * d + h * d * e
   mlp = (3 if c.mlp_activation in ('swiglu', 'geglu') else 2) * e * m
@@ -44,8 +39,8 @@ def expected_param_count(c: models.ModelConfig):
   relative = c.t5_num_buckets * h if c.positions == 't5_bias' else 0
   spans = lambda kinds: h * sum(k == 'adaptive_span' for k in kinds)
   n += c.num_layers * block + e + relative + spans(c.layer_kinds())
-  if c.kind == 'encoder_decoder':
-    n += c.decoder_layers * (block + attention_weights + e) + e + relative
+  if c.arch == 'encoder_decoder':
+    n += c.num_decoder_layers * (block + attention_weights + e) + e + relative
   return n
 
 
@@ -53,12 +48,12 @@ def expected_param_count(c: models.ModelConfig):
     tiny(),
     tiny(tie_embeddings=False, positions='learned', mlp_activation='relu'),
     tiny('adaptive_span', positions='t5_bias', num_kv_heads=-1, head_dim=16),
-    tiny('local', kind='encoder_decoder', num_decoder_layers=3, positions='t5_bias'),
+    tiny('local', arch='encoder_decoder', num_decoder_layers=3, positions='t5_bias'),
 ], ids=['tied', 'untied_learned', 'adaptive_t5', 'encdec'])
 def test_shapes_and_parameter_count(config):
   model = build(config)
   assert count_params(model) == expected_param_count(config)
-  if config.kind == 'lm':
+  if config.arch == 'lm':
     logits, _ = model(tokens(0, (2, 19)))
   else:
     logits, _ = model(tokens(0, (2, 23)), tokens(1, (2, 19)))
@@ -67,7 +62,7 @@ def test_shapes_and_parameter_count(config):
 
 def test_every_weight_has_logical_axis_names():
   for config in (tiny('adaptive_span', positions='t5_bias'),
-                 tiny(kind='encoder_decoder', tie_embeddings=False, positions='learned')):
+                 tiny(arch='encoder_decoder', tie_embeddings=False, positions='learned')):
     state = nnx.state(build(config), nnx.Param)
     for path, var in jax.tree.leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Param)):
       names = var.get_metadata()['logical_axes']
@@ -92,9 +87,9 @@ def test_lm_is_causal(kind, positions):
 @pytest.mark.parametrize('positions', ['rope', 't5_bias'])
 @pytest.mark.parametrize('kind,settings', [
     ('local', dict(radius=64)),
-    ('hierarchical', dict(block_size=64)),
+    ('hierarchical', dict(level0_block=64)),
     ('global_local', dict(radius=64, num_global=3)),
-    ('chunked', dict(block_size=64)),
+    ('chunked', dict(chunk_size=64)),
 ])
 def test_long_enough_windows_equal_full_attention(kind, settings, positions):
   full = build(tiny('full', positions=positions))
@@ -122,7 +117,7 @@ def test_packed_segments_do_not_see_each_other():
 
 @pytest.mark.parametrize('kind', ['local', 'transient_global', 'hierarchical'])
 def test_encoder_decoder_ignores_source_padding_and_is_causal(kind):
-  config = tiny(kind, kind='encoder_decoder', num_decoder_layers=2, positions='t5_bias',
+  config = tiny(kind, arch='encoder_decoder', num_decoder_layers=2, positions='t5_bias',
                 attention=dict(decoder_kind='local', radius=3))
   model = build(config)
   fn = jax.jit(lambda src, seg, tgt: model(src, tgt, inputs_segment_ids=seg)[0])
@@ -222,8 +217,8 @@ def test_adaptive_span_reports_penalty_and_mean_span():
     (dict(attention=dict(kind='local', radius=0)), 'model.attention.radius'),
     (dict(attention=dict(kind='sparse')), 'model.attention.kind'),
     (dict(attention=dict(layer_pattern=('local', 'bogus'))), 'model.attention.layer_pattern'),
-    (dict(attention=dict(kind='hierarchical', block_size=5)), 'model.attention.block_size'),
-    (dict(kind='encoder_decoder', attention=dict(decoder_kind='hierarchical')),
+    (dict(attention=dict(kind='hierarchical', level0_block=5)), 'model.attention.level0_block'),
+    (dict(arch='encoder_decoder', attention=dict(decoder_kind='sparse')),
      'model.attention.decoder_kind'),
     (dict(emb_dim=30, num_heads=4), 'model.head_dim'),
     (dict(positions='alibi'), 'model.positions'),
@@ -234,10 +229,39 @@ def test_adaptive_span_reports_penalty_and_mean_span():
 ])
 def test_invalid_configs_name_the_field(overrides, field):
   att = overrides.pop('attention', {})
-  base = dict(kind='lm', num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64, vocab_size=50,
+  base = dict(arch='lm', num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64, vocab_size=50,
               max_len=128, attention=dict(dict(kind='full'), **att))
   with pytest.raises(ValueError, match=field.replace('.', r'\.')):
     models.ModelConfig.from_config(dict(base, **overrides))
+
+
+def test_deprecated_spellings_still_work_with_a_warning():
+  base = dict(num_layers=2, emb_dim=32, num_heads=4, mlp_dim=64, vocab_size=50, max_len=128)
+  with pytest.warns(FutureWarning, match='model.arch'):
+    config = models.ModelConfig.from_config(dict(base, kind='encoder_decoder'))
+  assert config.arch == 'encoder_decoder'
+  with pytest.warns(FutureWarning, match='summary_block'):
+    config = models.ModelConfig.from_config(dict(base, attention=dict(kind='chunked',
+                                                                      block_size=8)))
+  a = config.attention
+  assert (a.summary_block, a.level0_block, a.chunk_size) == (8, 8, 8)
+  # The unset values the base config carries change nothing.
+  config = models.ModelConfig.from_config(dict(base, kind='', attention=dict(block_size=-1)))
+  assert config.arch == 'lm' and config.attention.chunk_size == 64
+
+
+@pytest.mark.parametrize('pattern', ['local,local,full', ('local', 'local', 'full'),
+                                     ('local,local,full',), ['local, local', 'full']])
+def test_layer_pattern_accepts_the_comma_form(pattern):
+  """The last two forms are what ml-collections makes of the README's command-line form."""
+  config = tiny(num_layers=3, attention=dict(layer_pattern=pattern))
+  assert config.attention.layer_pattern == ('local', 'local', 'full')
+
+
+def test_sentinels_are_resolved():
+  config = tiny(num_kv_heads=-1, head_dim=-1, num_decoder_layers=-1, arch='encoder_decoder')
+  assert (config.num_kv_heads, config.head_dim, config.num_decoder_layers) == (4, 8, 2)
+  assert config.dtype == jnp.float32 and config.param_dtype == jnp.float32
 
 
 def test_too_long_input_names_max_len():

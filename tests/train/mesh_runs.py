@@ -12,7 +12,7 @@ import sys
 
 import jax
 
-import train_testing
+from tests.train import train_testing
 from longjax.train import trainer
 
 AXES = ('data', 'fsdp', 'tensor', 'sequence')

@@ -10,8 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-import train_testing
+from tests.train import train_testing
 from longjax.train import trainer
+
+# Every test here trains in `python -m longjax.main` subprocesses.
+pytestmark = pytest.mark.slow
 
 RUN = dict(num_train_steps=8, checkpoint_every_steps=4, keep_checkpoints=3, log_every_steps=1,
            eval_every_steps=0)

@@ -6,8 +6,11 @@ import sys
 
 import pytest
 
-import train_testing
-from longjax.train import trainer
+from tests.train import train_testing
+from longjax.train import evaluation
+
+# Two training processes over localhost.
+pytestmark = pytest.mark.slow
 
 OVERRIDES = dict(num_train_steps=4, log_every_steps=2, eval_every_steps=4, num_eval_steps=2,
                  checkpoint_every_steps=0, mesh__data=2, mesh__fsdp=2,
@@ -55,5 +58,5 @@ def test_two_processes_train_and_one_restores(tmp_path, compile_cache):
 
   # This process (1 process, 1 device) restores the 4-device checkpoint.
   config = train_testing.tiny_config(**dict(OVERRIDES, mesh__data=-1, mesh__fsdp=1))
-  summary = trainer.evaluate(config, tmp_path)
+  summary = evaluation.evaluate(config, tmp_path)
   assert summary['loss'] == pytest.approx(records[-1]['loss'], rel=1e-5)

@@ -9,7 +9,10 @@ import signal
 
 import pytest
 
-import train_testing
+from tests.train import train_testing
+
+# Every test here trains in `python -m longjax.main` subprocesses.
+pytestmark = pytest.mark.slow
 
 OVERRIDES = dict(num_train_steps=12, checkpoint_every_steps=4, keep_checkpoints=2,
                  log_every_steps=1, eval_every_steps=6, mesh__data=1, mesh__fsdp=2,

@@ -9,8 +9,12 @@ import os
 import jax
 import pytest
 
-import train_testing
+from tests.train import train_testing
+from longjax.train import evaluation
 from longjax.train import trainer
+
+# Every test here reads runs made in an 8-device subprocess.
+pytestmark = pytest.mark.slow
 
 # fp32 compute so that the comparison measures the sharding, not bf16 rounding.
 OVERRIDES = dict(num_train_steps=3, log_every_steps=1, eval_every_steps=3, num_eval_steps=2,
@@ -93,7 +97,7 @@ def test_replicated_meshes_keep_parameters_whole(mesh_results):
 def test_checkpoint_from_8_devices_evaluates_on_1(mesh_results, tmp_path):
   result = mesh_results['data2_fsdp2_tensor2']
   final_eval = [r for r in result['metrics'] if r['split'] == 'eval'][-1]
-  summary = trainer.evaluate(train_testing.tiny_config(**OVERRIDES), result['workdir'])
+  summary = evaluation.evaluate(train_testing.tiny_config(**OVERRIDES), result['workdir'])
   assert jax.device_count() == 1
   assert summary['loss'] == pytest.approx(final_eval['loss'], rel=1e-5)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import train_testing
+from tests.train import train_testing
+from longjax.train import evaluation
 from longjax.train import trainer
 
 TRAIN_KEYS = {'step', 'split', 'loss', 'accuracy', 'perplexity', 'learning_rate',
@@ -69,7 +70,7 @@ def test_eval_mode_at_a_longer_length_with_adaptive_span(tmp_path):
   assert 'mean_span' in train_testing.read_metrics(tmp_path, 'train')[-1]
 
   config.eval_seq_len = 96  # Three times the training length.
-  summary = trainer.evaluate(config, tmp_path)
+  summary = evaluation.evaluate(config, tmp_path)
   record, = train_testing.read_metrics(tmp_path, 'eval')
   assert record['step'] == 2 and record['seq_len'] == 96
   assert record['loss'] == pytest.approx(summary['loss']) and math.isfinite(record['loss'])
@@ -79,7 +80,7 @@ def test_eval_mode_at_a_longer_length_with_adaptive_span(tmp_path):
 
 def test_eval_mode_without_a_checkpoint_says_so(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint to evaluate'):
-    trainer.evaluate(train_testing.tiny_config(), tmp_path)
+    evaluation.evaluate(train_testing.tiny_config(), tmp_path)
 
 
 def test_text_data_logs_bits_per_byte(tmp_path, data_dir):
@@ -95,7 +96,7 @@ def test_encoder_decoder_on_translation(tmp_path):
   config = train_testing.tiny_config(
       num_train_steps=2, log_every_steps=1, eval_every_steps=2, num_eval_steps=1,
       dataset__name='wmt14_translate/de-en', dataset__input_key='de', dataset__target_key='en',
-      model__kind='encoder_decoder', target_len=16)
+      model__arch='encoder_decoder', target_len=16)
   # tfds' mock data: random text in the dataset's real feature spec, nothing downloaded.
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
     trainer.train_and_evaluate(config, tmp_path)
@@ -109,7 +110,7 @@ def test_encoder_decoder_on_translation(tmp_path):
   # --mode=decode: generate for the eval split from the checkpoint and score it.
   config.decode.max_decode_len = 8
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
-    scores = trainer.decode_eval(config, tmp_path)
+    scores = evaluation.decode_eval(config, tmp_path)
   # num_eval_steps (1) batches of batch_size rows.
   assert scores['num_examples'] == config.batch_size and 0 <= scores['bleu'] <= 100
   last = train_testing.read_metrics(tmp_path)[-1]

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import train_testing
+from tests.train import train_testing
 from longjax import models
 from longjax.train import metrics
 from longjax.train import optimizer
@@ -52,7 +52,7 @@ def test_batch_sums_count_bytes_and_exact_matches():
 def test_learning_rate_schedules(kind):
   config = train_testing.tiny_config(learning_rate=1.0, warmup_steps=10, num_train_steps=110,
                                      lr_schedule=kind, min_lr_ratio=0.1)
-  schedule = optimizer.learning_rate_schedule(config)
+  schedule = optimizer.learning_rate_schedule(optimizer.OptimizerConfig.from_config(config))
   lr = lambda update: float(schedule(update - 1))  # optax passes updates already applied.
   assert lr(1) == pytest.approx(0.1) and lr(5) == pytest.approx(0.5)  # Warm-up is never 0.
   assert lr(10) == pytest.approx(1.0)
@@ -92,6 +92,10 @@ def test_summaries():
   train = metrics.train_summary(steps_metrics, with_bits_per_byte=False)
   assert train['loss'] == 2.0 and train['learning_rate'] == 0.2 and train['grad_norm'] == 2.0
   assert 'bits_per_byte' not in train
+  # mean_span is a property of the weights: the latest value is kept, never summed.
+  assert metrics.add_sums({'nll_sum': 1.0, 'mean_span': 3.0},
+                          {'nll_sum': 2.0, 'mean_span': 5.0}) == {'nll_sum': 3.0, 'mean_span': 5.0}
+  assert train['mean_span'] == 12.0
 
 
 def test_jsonl_writer_truncates_after_a_resumed_step(tmp_path):

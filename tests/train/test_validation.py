@@ -1,7 +1,7 @@
 """Bad input fails before anything compiles, with the config field named."""
 import pytest
 
-import train_testing
+from tests.train import train_testing
 from longjax import hostmem
 from longjax.train import trainer
 from longjax.train import validation
@@ -9,6 +9,7 @@ from longjax.train import validation
 MESH_1 = {'data': 1, 'fsdp': 1, 'tensor': 1, 'sequence': 1}
 
 
+@pytest.mark.slow  # A subprocess.
 def test_unknown_config_field_on_the_command_line(tmp_path):
   result = train_testing.run_python(
       ['-m', 'longjax.main', '--config=configs/tiny.py', f'--workdir={tmp_path}',
@@ -19,6 +20,7 @@ def test_unknown_config_field_on_the_command_line(tmp_path):
   assert not (tmp_path / 'checkpoints').exists()
 
 
+@pytest.mark.slow  # A subprocess.
 def test_bad_mesh_on_the_command_line_fails_before_compiling(tmp_path):
   result = train_testing.run_main(tmp_path, env=train_testing.subprocess_env(), check=False,
                                   mesh__data=2)
@@ -38,7 +40,7 @@ def test_bad_mesh_on_the_command_line_fails_before_compiling(tmp_path):
     (dict(model__attention__layer_pattern=('local', 'nope')),
      ['config.model.attention.layer_pattern', "'nope'"]),
     (dict(grad_accum_steps=3), ['config.batch_size = 8', 'config.grad_accum_steps = 3']),
-    (dict(model__kind='encoder_decoder'), ['config.model.kind', 'config.dataset.target_key']),
+    (dict(model__arch='encoder_decoder'), ['config.model.arch', 'config.dataset.target_key']),
     (dict(lr_schedule='linear'), ['config.lr_schedule', 'cosine']),
     (dict(learning_rate=float('nan')), ['config.learning_rate']),
     (dict(log_every_steps=0), ['config.log_every_steps']),
@@ -87,15 +89,21 @@ def test_unknown_model_field_for_notebook_configs():
     validation.validate_config(config, mesh_shape=MESH_1)
 
 
-def test_a_good_config_passes():
-  model_config = validation.validate_config(train_testing.tiny_config(batch_size=16),
-                                            mesh_shape=dict(MESH_1, data=2, fsdp=4))
-  assert model_config.emb_dim == 32
+def test_a_good_config_passes_as_typed_resolved_values():
+  run_config = validation.validate_config(train_testing.tiny_config(batch_size=16),
+                                          mesh_shape=dict(MESH_1, data=2, fsdp=4))
+  assert run_config.model.emb_dim == 32 and run_config.model.head_dim == 8
+  assert run_config.data.eval_seq_len == run_config.data.seq_len == 32  # -1 resolved.
+  assert run_config.loop.num_eval_steps == 2 and run_config.optimizer.lr_schedule == 'cosine'
+  assert run_config.mesh_shape == dict(MESH_1, data=2, fsdp=4)
+  whole_split = validation.validate_config(train_testing.tiny_config(num_eval_steps=-1),
+                                           mesh_shape=MESH_1)
+  assert whole_split.loop.num_eval_steps is None
 
 
 def test_marked_global_tokens_pass_on_a_task_that_marks_them():
   config = train_testing.tiny_config(model__attention__kind='global_local',
                                      model__attention__global_tokens='marked')
   assert config.dataset.name == 'passkey'
-  model_config = validation.validate_config(config, mesh_shape=MESH_1)
-  assert model_config.attention.global_tokens == 'marked'
+  run_config = validation.validate_config(config, mesh_shape=MESH_1)
+  assert run_config.model.attention.global_tokens == 'marked'

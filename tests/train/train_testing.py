@@ -1,5 +1,4 @@
-"""Helpers shared by the trainer tests (pytest puts this folder on sys.path via conftest)."""
-import importlib.util
+"""Helpers shared by the trainer tests."""
 import json
 import os
 import subprocess
@@ -8,7 +7,8 @@ import sys
 import jax
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.testing import REPO_ROOT, load_config_module, override, overrides_to_flags  # noqa: F401
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 # Tiny programs: XLA's CPU backend optimisations cost seconds of compile time
 # per program and buy nothing at this size. Every run of a test that is
@@ -16,34 +16,14 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0'
 
 
-def load_config_module(name):
-  path = os.path.join(REPO_ROOT, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'longjax_test_config_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def tiny_config(**overrides):
   """configs/tiny.py with overrides; '__' nests: tiny_config(model__dtype='float32')."""
-  config = load_config_module('tiny').get_config()
-  for key, value in overrides.items():
-    *parents, leaf = key.split('__')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
-
-
-def overrides_to_flags(**overrides):
-  """The same overrides as --config.x.y=value flags for `python -m longjax.main`."""
-  return [f'--config.{key.replace("__", ".")}={value}' for key, value in overrides.items()]
+  return override(load_config_module('tiny').get_config(), **overrides)
 
 
 def subprocess_env(num_devices=1, cache_dir=None):
   env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join([REPO_ROOT, TESTS_DIR] + (
+  env['PYTHONPATH'] = os.pathsep.join([REPO_ROOT] + (
       [env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE_FLAGS}'
   env['JAX_PLATFORMS'] = 'cpu'
@@ -77,21 +57,8 @@ def read_metrics(workdir, split=None):
 
 def restore_state(config, workdir):
   """(step, TrainState as numpy) of the latest checkpoint in workdir, on this process's mesh."""
-  from longjax import models, sharding  # pylint: disable=g-import-not-at-top
-  from longjax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  from longjax.train import checkpointing, optimizer, state  # pylint: disable=g-import-not-at-top
-  config = config.copy_and_resolve_references()
-  config.model.vocab_size = tokenizers.ByteTokenizer().vocab_size
-  model_config = models.ModelConfig.from_config(config.model)
-  _, abstract_params = state.abstract_model(model_config)
-  tx = optimizer.make_optimizer(config, optimizer.learning_rate_schedule(config),
-                                optimizer.weight_decay_mask(abstract_params))
-  mesh = sharding.make_mesh(config.mesh)
-  shardings = state.state_shardings(tx, abstract_params, mesh, sharding.DEFAULT_RULES)
-  checkpoints = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=10,
-                                           read_only=True)
-  step, restored = checkpoints.restore(state.abstract_train_state(model_config, tx, shardings))
-  checkpoints.close()
+  from longjax.train import setup  # pylint: disable=g-import-not-at-top
+  step, restored = setup.build_run(config, workdir).restore_latest()
   return step, jax.device_get(restored)
 
 

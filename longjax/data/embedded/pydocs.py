@@ -63,9 +63,7 @@ class LongjaxPydocs(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing is downloaded.
-    root = self.builder_config.stdlib_dir or stdlib_corpus.stdlib_dir()
-    paths = stdlib_corpus.list_source_files(root, self.builder_config.max_files)
-    return stdlib_corpus.split_generators(paths, lambda split_paths: self._generate_examples(root, split_paths))
+    return pystdlib.split_generators(self.builder_config, self._generate_examples)
 
   def _generate_examples(self, root, paths):
     kinds = set(self.builder_config.kinds)

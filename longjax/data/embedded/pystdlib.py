@@ -34,6 +34,17 @@ def source_metadata(config: StdlibConfig) -> tfds.core.MetadataDict:
       license=_LICENSE)
 
 
+def split_generators(config: StdlibConfig, generate_examples) -> dict:
+  """{split: generate_examples(root, paths of that split)} over the files `config` selects.
+
+  Shared with `longjax_pydocs`, which reads the same files with the same split.
+  """
+  root = config.stdlib_dir or stdlib_corpus.stdlib_dir()
+  paths = stdlib_corpus.list_source_files(root, config.max_files)
+  return stdlib_corpus.split_generators(
+      paths, lambda split_paths: generate_examples(root, split_paths))
+
+
 class LongjaxPystdlib(tfds.core.GeneratorBasedBuilder):
   """Python stdlib source files (non-test), one document per file."""
 
@@ -56,9 +67,7 @@ class LongjaxPystdlib(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing is downloaded.
-    root = self.builder_config.stdlib_dir or stdlib_corpus.stdlib_dir()
-    paths = stdlib_corpus.list_source_files(root, self.builder_config.max_files)
-    return stdlib_corpus.split_generators(paths, lambda split_paths: self._generate_examples(root, split_paths))
+    return split_generators(self.builder_config, self._generate_examples)
 
   def _generate_examples(self, root, paths):
     for path in paths:

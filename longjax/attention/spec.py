@@ -1,0 +1,144 @@
+"""What the registry knows of an attention kind: one `KindSpec` per kind.
+
+A kind is defined once, in its own module, by its `SPEC`:
+  * `fn`, the training kernel (a pure function of q, k, v);
+  * `params`, the settings it reads, named exactly as the config fields
+    `model.attention.<param>` that hold them (so a model passes
+    `{p: getattr(config, p) for p in spec.params}` and never a kind name);
+  * `implementations`, which implementations compute it exactly ('xla'
+    everywhere; 'cudnn' where jax's fused kernel applies);
+  * its decoding rule: `cache_layout(settings, max_length)`, how many cache
+    slots of each sort a causal layer keeps, and `decode_keys(...)`, which of
+    them a query at position t sees and with what bias or weight. Both are
+    written beside the kernel from the same visibility functions the kernel
+    builds its tile masks with, so the cache cannot drift from the kernel;
+  * what the model layer must supply besides the settings: `learns_spans`
+    (a learned span per head, adaptive span) and `accepts_global_mask` (the
+    task's marked global tokens);
+  * its cost and its paper.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Callable, Mapping, NamedTuple, Optional
+
+import jax
+
+
+class CacheLayout(NamedTuple):
+  """Static shape of one layer's decoding cache (hashable; not traced).
+
+  The window buffer has `pinned` slots for positions 0..pinned-1 and a ring of
+  `ring` slots for the positions after them; pooled buffer i holds means of
+  `pool_sizes[i]` consecutive tokens in a ring of `pool_slots[i]` slots.
+  """
+  pinned: int
+  ring: int
+  pool_sizes: tuple[int, ...] = ()
+  pool_slots: tuple[int, ...] = ()
+
+  @property
+  def slots(self) -> int:
+    return self.pinned + self.ring
+
+
+class Slots(NamedTuple):
+  """What a decode rule reads of a buffer: keys, values and what each slot holds.
+
+  k, v: [batch, kv_heads, slots, head_dim]; held: [batch, slots] int32, the
+  position (window buffer) or group index (pooled buffer) of each slot, -1
+  for an empty slot.
+  """
+  k: jax.Array
+  v: jax.Array
+  held: jax.Array
+
+
+class KeyGroup(NamedTuple):
+  """Keys one query may attend, with what the kernel adds to their scores.
+
+  k, v: [batch, kv_heads, slots, head_dim].
+  mask: bool [batch, slots], or [batch, heads, slots] when it differs by head.
+  rel: int [batch, slots], query position - key position, for a position
+    bias (None: no bias for this group).
+  log_weight: float [batch, slots] added to the score (log of how many tokens
+    a pooled key stands for), or None.
+  weight: float [batch, heads, slots] multiplying the unnormalised probability
+    (adaptive span's soft mask), or None; keys of weight 0 must be masked.
+  """
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  rel: Optional[jax.Array] = None
+  log_weight: Optional[jax.Array] = None
+  weight: Optional[jax.Array] = None
+
+
+# cache_layout(settings, max_length) -> CacheLayout
+LayoutFn = Callable[[Mapping, int], CacheLayout]
+# decode_keys(settings, window: Slots, pooled: tuple[Slots, ...], t [batch], **extra)
+#   -> list[KeyGroup]; `extra` is what the model supplies (spans).
+DecodeKeysFn = Callable[..., list]
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+  """A kernel setting and its valid values (checked once, when a config is validated)."""
+  name: str
+  minimum: float = 1
+  integer: bool = True
+  exclusive: bool = False  # value must be > minimum (not >=)
+  even: bool = False
+
+  def problem(self, value) -> Optional[str]:
+    """None if `value` is valid, else what is wrong, as a sentence."""
+    kind = 'an int' if self.integer else 'a number'
+    if self.integer and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+      return f'must be {kind}; got {value!r}.'
+    if not isinstance(value, numbers.Real):
+      return f'must be {kind}; got {value!r}.'
+    if (value <= self.minimum) if self.exclusive else (value < self.minimum):
+      return f'must be {">" if self.exclusive else ">="} {self.minimum}; got {value!r}.'
+    if self.even and value % 2:
+      return f'must be even (each level halves it); got {value!r}.'
+    return None
+
+
+PARAMS = {p.name: p for p in (
+    Param('radius'),
+    Param('num_global', minimum=0),
+    Param('summary_block'),
+    Param('level0_block', minimum=2, even=True),
+    Param('chunk_size'),
+    Param('max_span'),
+    Param('span_ramp', minimum=0, integer=False, exclusive=True),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class KindSpec:
+  name: str
+  fn: Callable
+  params: tuple[str, ...]  # settings beyond q, k, v, causal, segment_ids (keys of PARAMS)
+  cost: str
+  reference: str
+  cache_layout: LayoutFn
+  decode_keys: DecodeKeysFn
+  implementations: tuple[str, ...] = ('xla',)
+  learns_spans: bool = False
+  accepts_global_mask: bool = False
+
+  def settings(self, values) -> dict:
+    """This kind's settings from any object (a typed config) or mapping holding them."""
+    get = values.get if isinstance(values, Mapping) else lambda p: getattr(values, p)
+    return {p: get(p) for p in self.params}
+
+  def problems(self, settings: Mapping) -> dict[str, str]:
+    """{param: what is wrong} for every invalid setting of this kind."""
+    found = {}
+    for param in self.params:
+      problem = PARAMS[param].problem(settings[param])
+      if problem:
+        found[param] = problem
+    return found
