@@ -10,7 +10,8 @@ FATAL lines naming the flag or field and the fix, and exits 1; bugs keep their
 traceback. On Linux the process restarts itself once with transparent huge
 pages for large host allocations (longjax/hostmem.py; LONGJAX_HUGEPAGES=0
 opts out). Launch commands for a laptop, a GPU node and a Cloud TPU pod slice
-are in README.md, "Launching".
+are in README.md, "Launching". The plumbing (config names, --help's text,
+FATAL lines) is in longjax/cli.py.
 """
 import importlib.util
 import logging as pylogging
@@ -47,8 +48,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-import longjax
-from longjax import attention
+from longjax import cli
 from longjax import data
 from longjax.train import evaluation
 from longjax.train import run_identity
@@ -85,12 +85,6 @@ MODE_HELP = {
     'eval': "score the latest checkpoint at config.eval_seq_len, with the run's saved settings",
     'decode': 'generate for the eval split; ROUGE-1/2/L, BLEU, exact match',
 }
-PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(longjax.__file__)), 'configs')
-LOCAL_CONFIGS = 'configs'  # Relative to the current directory (the repository root).
-_HELP_FLAGS = ('-h', '-?', '--help', '-help', '--helpshort', '-helpshort', '--helpfull',
-               '-helpfull')
-
-
 def _wants_distributed() -> bool:
   if _DISTRIBUTED.value != 'auto':
     return _DISTRIBUTED.value == 'on'
@@ -110,143 +104,6 @@ class _WithoutOrbaxInfo(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
 
 
-class _UserError(Exception):
-  """A problem in what the user typed: printed as FATAL lines, exit status 1."""
-
-
-# Configs by name ---------------------------------------------------------------------
-
-
-def config_names() -> dict[str, str]:
-  """{name: file} of every config `--config=NAME` finds, the packaged ones first."""
-  found = {}
-  for folder in (PACKAGED_CONFIGS, LOCAL_CONFIGS):
-    if not os.path.isdir(folder):
-      continue
-    for entry in sorted(os.listdir(folder)):
-      name, ext = os.path.splitext(entry)
-      path = os.path.join(folder, entry)
-      if ext == '.py' and not name.startswith('_') and name not in found and _is_config(path):
-        found[name] = path
-  return found
-
-
-def _is_config(path: str) -> bool:
-  with open(path, encoding='utf-8') as f:
-    return 'get_config' in f.read()  # Defines it, or re-exports a packaged one.
-
-
-def _resolve_config(value: str) -> str:
-  """--config's value with a bare name replaced by its file; _UserError if there is none."""
-  target, colon, arg = value.partition(':')
-  names = config_names()
-  known = f'the configs are: {", ".join(names) or "(none found)"}'
-  if '/' not in target and not target.endswith('.py'):
-    if target not in names:
-      raise _UserError(f'--config={value}: there is no config named {target!r}; {known} '
-                       f'(or pass a path to a config file).')
-    return names[target] + colon + arg
-  if not os.path.isfile(target):
-    raise _UserError(f'--config={value}: no such file {target!r} (from {os.getcwd()}); {known}.')
-  return value
-
-
-def _with_config_resolved(argv: list[str]) -> list[str]:
-  """argv with --config's value made a path (config_flags needs one), before absl parses it."""
-  argv = list(argv)
-  for index, arg in enumerate(argv[1:], start=1):
-    if arg == '--':
-      break
-    for prefix in ('--config=', '-config='):
-      if arg.startswith(prefix):
-        argv[index] = prefix + _resolve_config(arg[len(prefix):])
-    if arg in ('--config', '-config') and index + 1 < len(argv):
-      argv[index + 1] = _resolve_config(argv[index + 1])
-  return argv
-
-
-# --help and --print_config -----------------------------------------------------------
-
-
-def _help_text(full: bool) -> str:
-  names = config_names()
-  folders = ' and '.join(f'{os.path.relpath(folder)}/' for folder in
-                         (PACKAGED_CONFIGS, LOCAL_CONFIGS) if os.path.isdir(folder))
-  flag_help = flags.FLAGS.get_help() if full else flags.FLAGS.main_module_help()
-  lines = [
-      'Train, evaluate or decode a long-context model.',
-      '',
-      '  python -m longjax.main --config=CONFIG --workdir=DIR [--mode=MODE] '
-      '[--config.FIELD=VALUE ...]',
-      '',
-      f'Configs (--config=NAME, NAME:ARG, or a file such as configs/NAME.py:ARG; from '
-      f'{folders or "nowhere: run from the repository root"}):',
-      f'  {", ".join(names) or "(none found)"}',
-      '  ARG is an attention kind and/or a size, e.g. pretrain:local or passkey:local,tiny.',
-      '',
-      'Attention kinds (--config.model.attention.kind=KIND, or NAME:KIND):',
-      f'  {", ".join(attention.KINDS)}',
-      '',
-      'Modes (--mode=MODE):',
-      *(f'  {mode:<7} {text}' for mode, text in MODE_HELP.items()),
-      '',
-      'Every field and its value: add --print_config, e.g.',
-      '  python -m longjax.main --config=tiny --print_config',
-      '',
-      'Flags:' if full else 'Flags (--helpfull for those of every module):',
-      flag_help,
-  ]
-  return '\n'.join(lines) + '\n'
-
-
-def _print_config(config) -> None:
-  try:
-    for field, value in run_identity.flatten(config, as_json=False).items():
-      print(f'config.{field} = {value!r}')
-    sys.stdout.flush()
-  except BrokenPipeError:  # `... --print_config | head`: the reader has what it wanted.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-# The platform ------------------------------------------------------------------------
-
-
-def _platform_line() -> str:
-  """'Running on 1 CPU device (no GPU or TPU found).' and the like."""
-  devices = jax.devices()
-  platform = devices[0].platform
-  word = {'cpu': 'CPU', 'gpu': 'GPU', 'cuda': 'GPU', 'rocm': 'GPU', 'tpu': 'TPU'}.get(
-      platform, platform.upper())
-  text = f'Running on {len(devices)} {word} device{"" if len(devices) == 1 else "s"}'
-  if jax.process_count() > 1:
-    text += f' in {jax.process_count()} processes ({jax.local_device_count()} in this one)'
-  if platform == 'cpu':
-    chosen = os.environ.get('JAX_PLATFORMS')
-    text += f' (JAX_PLATFORMS={chosen})' if chosen else ' (no GPU or TPU found)'
-  return text + '.'
-
-
-# main ---------------------------------------------------------------------------------
-
-
-def _fatal(lines) -> None:
-  logging.flush()
-  sys.stdout.flush()
-  sys.stderr.write(''.join(f'FATAL {line}\n' if i == 0 else f'{line}\n'
-                           for i, line in enumerate(lines)))
-  sys.exit(1)
-
-
-def _config_error_lines(error) -> list[str]:
-  """A ConfigError as lines: one for a lone problem, else a heading, a line each, the advice."""
-  problems = list(getattr(error, 'problems', ()) or [str(error)])
-  heading = getattr(error, 'heading', 'Invalid config:')
-  advice = getattr(error, 'advice', '')
-  if len(problems) == 1 and not advice:
-    return [f'{heading} {problems[0]}']
-  return [heading] + [f'  {problem}' for problem in problems] + ([advice] if advice else [])
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -254,56 +111,56 @@ def main(argv):
   mode, workdir = _MODE.value, _WORKDIR.value
   try:
     if workdir is None and not (_PRINT_CONFIG.value and mode == 'train'):
-      raise _UserError('--workdir is required: the directory for checkpoints, metrics and '
+      raise cli.UserError('--workdir is required: the directory for checkpoints, metrics and '
                        'config.json (created if missing), e.g. --workdir=/tmp/run.')
     if _PRINT_CONFIG.value:
       config = _CONFIG.value
       if mode != 'train':
         config = run_identity.evaluation_config(config, workdir, mode=mode)
-      _print_config(config)
+      cli.print_config(config)
       return
     problem = setup.workdir_problem(workdir, create=mode == 'train')
     if problem:
-      raise _UserError(f'--workdir={workdir} {problem}')
+      raise cli.UserError(f'--workdir={workdir} {problem}')
     if _wants_distributed():
       # Must come before anything touches a device; missing values are found
       # from the cluster environment (Cloud TPU metadata, SLURM, Open MPI).
       jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                  num_processes=_NUM_PROCESSES.value,
                                  process_id=_PROCESS_ID.value)
-    logging.info(_platform_line())
+    logging.info(cli.platform_line())
     if jax.process_count() > 1:
       logging.info('JAX process %d of %d, %d local devices.', jax.process_index(),
                    jax.process_count(), jax.local_device_count())
     logging.info('Large host allocations on transparent huge pages: %s.',
                  'yes' if hostmem.is_on(os.environ) else 'no')
     MODES[mode](_CONFIG.value, workdir)
-  except _UserError as error:
-    _fatal([str(error)])
+  except cli.UserError as error:
+    cli.fatal([str(error)])
   except (validation.ConfigError, data.DataConfigError) as error:
-    _fatal(_config_error_lines(error))
+    cli.fatal(cli.config_error_lines(error))
   except run_identity.NotTrainedError as error:
-    _fatal([str(error)])
+    cli.fatal([str(error)])
 
 
 def _parse_flags(argv):
   """absl's parser, with --help exiting 0 and every user error as clean FATAL lines."""
   rest = argv[1:argv.index('--')] if '--' in argv else argv[1:]
-  help_flags = [arg for arg in rest if arg.split('=')[0] in _HELP_FLAGS]
+  help_flags = [arg for arg in rest if arg.split('=')[0] in cli.HELP_FLAGS]
   if help_flags:
-    sys.stdout.write(_help_text(full=any('full' in arg for arg in help_flags)))
+    sys.stdout.write(cli.help_text(MODE_HELP, full=any('full' in arg for arg in help_flags)))
     sys.exit(0)
   given = argv
   try:
-    argv = _with_config_resolved(argv)
+    argv = cli.with_config_resolved(argv)
     return flags.FLAGS(argv)
-  except _UserError as error:
-    _fatal([str(error)])
+  except cli.UserError as error:
+    cli.fatal([str(error)])
   except flags.Error as error:
-    problem = _config_file_problem(error)
+    problem = cli.config_file_problem(error)
     if problem:
-      _fatal([f'{_config_arg(given)}: {problem}'])
-    _fatal([f'Flags parsing error: {error}',
+      cli.fatal([f'{cli.config_arg(given)}: {problem}'])
+    cli.fatal([f'Flags parsing error: {error}',
             'Pass --help to see the configs, attention kinds, modes and flags.'])
   except (AttributeError, KeyError) as error:
     # config_flags raises these for an override of a field the config lacks;
@@ -312,35 +169,8 @@ def _parse_flags(argv):
     while error.args and isinstance(error.args[0], BaseException):
       error = error.args[0]  # AttributeError(KeyError(message)).
     message = str(error.args[0] if error.args else error).replace('\n', ' ')
-    _fatal([f'Flags parsing error: unknown config field among {", ".join(overrides)}: '
+    cli.fatal([f'Flags parsing error: unknown config field among {", ".join(overrides)}: '
             f'{message}'])
-
-
-def _config_file_problem(error) -> str:
-  """The config file's own ValueError (e.g. an unknown :ARG) under config_flags' wrapping.
-
-  config_flags re-raises a ValueError of get_config() as a ValueError holding
-  the whole traceback; the first one in the chain is the user's mistake.
-  TypeErrors and the rest are left alone: they point at a bug in the file.
-  """
-  if not str(error).startswith('flag --config='):
-    return ''  # Another flag, such as --config.batch_size=abc: absl's message is clear.
-  cause = error.__cause__ or error.__context__
-  while cause is not None:
-    if isinstance(cause, ValueError) and 'Error whilst parsing config file' not in str(cause):
-      return str(cause)
-    cause = cause.__cause__ or cause.__context__
-  return ''
-
-
-def _config_arg(argv) -> str:
-  """'--config=VALUE' as the user typed it."""
-  for index, arg in enumerate(argv):
-    if arg.startswith(('--config=', '-config=')):
-      return arg
-    if arg in ('--config', '-config') and index + 1 < len(argv):
-      return f'--config={argv[index + 1]}'
-  return '--config'
 
 
 if __name__ == '__main__':
