@@ -136,19 +136,66 @@ class JsonlWriter(_ScalarWriter):
     self._file.flush()
 
   def truncate_after(self, step: int):
-    """Drops records of steps after `step`: a resumed run writes them again."""
+    """Drops records of steps after `step`: a resumed run writes them again.
+
+    A torn last line (the process was killed while writing it) is dropped with
+    a warning. The kept records replace the file through a temporary file and a
+    rename, so a kill during the rewrite leaves the old history whole.
+    """
     self._file.close()
-    with open(self.path, encoding='utf-8') as f:
-      kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    with open(self.path, 'w', encoding='utf-8') as f:
-      f.writelines(kept)
+    try:
+      kept = [line for line, record in self._records() if record['step'] <= step]
+      _replace_atomically(self.path, ''.join(kept))
+    finally:
+      self._file = open(self.path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+
+  def start_fresh(self) -> Optional[str]:
+    """A run starting from step 0 gets an empty file; an older history is moved aside.
+
+    Returns the path it was moved to (metrics.jsonl.previous-N), or None.
+    """
+    if not os.path.getsize(self.path):
+      return None
+    self._file.close()
+    index = 1
+    while os.path.exists(f'{self.path}.previous-{index}'):
+      index += 1
+    moved = f'{self.path}.previous-{index}'
+    os.replace(self.path, moved)
     self._file = open(self.path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+    return moved
+
+  def _records(self):
+    """(line, record) of every complete record; a torn last line is skipped."""
+    with open(self.path, encoding='utf-8') as f:
+      lines = [line for line in f if line.strip()]
+    for number, line in enumerate(lines, start=1):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        if number == len(lines):
+          logging.warning('%s: dropped its torn last line (a write was interrupted): %r',
+                          self.path, line[:200])
+          return
+        raise ValueError(f'{self.path}: line {number} is not a JSON record ({line[:200]!r}); '
+                         f'the file is damaged: move it aside to resume.') from None
+      yield (line if line.endswith('\n') else line + '\n'), record
 
   def flush(self):
     self._file.flush()
 
   def close(self):
     self._file.close()
+
+
+def _replace_atomically(path: str, text: str):
+  """Writes `text` to `path` through a synced temporary file and a rename."""
+  temporary = f'{path}.tmp'
+  with open(temporary, 'w', encoding='utf-8') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temporary, path)
 
 
 def _json_number(value) -> Any:
@@ -185,6 +232,12 @@ class MetricsWriter:
   def truncate_after(self, step: int):
     if self._jsonl is not None:
       self._jsonl.truncate_after(step)
+
+  def start_fresh(self):
+    """A run from step 0: an earlier run's metrics.jsonl is moved aside (logged)."""
+    moved = self._jsonl.start_fresh() if self._jsonl is not None else None
+    if moved:
+      logging.warning('Starting from step 0: the earlier metrics.jsonl was moved to %s.', moved)
 
   def close(self):
     self._writer.flush()

@@ -8,6 +8,7 @@ the latest checkpoint, data position included. The workdir holds
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 from typing import Any, Optional
@@ -59,6 +60,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   checkpoints = run.checkpointer()
   writer = metrics.MetricsWriter(run.workdir, enabled=is_chief)
   profiler = metrics.Profiler(loop.profile_steps, os.path.join(run.workdir, 'profile'))
+  check_finite = functools.partial(_check_finite, checkpoints=checkpoints,
+                                   grad_clip=run.config.optimizer.grad_clip)
   with checkpoints, writer, profiler, checkpointing.PreemptionWatcher() as preemption:
     writer.write_hparams(recorded.to_dict())
     # The latest checkpoint (with the data position), or a fresh state.
@@ -68,6 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
       writer.truncate_after(start_step)
     else:
       start_step, state = 0, run.fresh_state()
+      writer.start_fresh()  # An earlier run's records are moved aside, not continued.
     logging.info('%s parameters; starting at step %d of %d.',
                  f'{state_lib.num_params(run.abstract_state.params):,}', start_step,
                  loop.num_train_steps)
@@ -103,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
       # The finiteness of step n-1 is read once step n is queued: the device
       # has (nearly always) finished n-1 by then, so this one-bool transfer
       # does not stall it; the host just never runs more than a step ahead.
-      _check_finite(unchecked, checkpoints)
+      check_finite(unchecked)
       unchecked = (step, step_metrics['finite'])
 
       last = step == loop.num_train_steps
@@ -111,7 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
       if step % loop.log_every_steps == 0 or last or preempted:
         fetched = jax.device_get(since_log)
         since_log = []
-        _check_finite(unchecked, checkpoints)
+        check_finite(unchecked)
         unchecked = None
         summary = metrics.train_summary(fetched, with_bits_per_byte=with_bits_per_byte)
         summary.update(progress.rates(step))
@@ -120,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         logging.info(progress.line(step, summary['loss'], summary))
         last_train = summary['loss']
       if _every(step, loop.eval_every_steps) or (last and loop.eval_every_steps > 0):
-        _check_finite(unchecked, checkpoints)
+        check_finite(unchecked)
         unchecked = None
         summary = evaluator(state.params)
         last_eval = summary
@@ -132,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
           logging.info('decoded eval samples at step %d:\n%s', step, text)
       if _every(step, loop.checkpoint_every_steps) or last or preempted:
         # Only a state whose step was checked finite is ever saved.
-        _check_finite(unchecked, checkpoints)
+        check_finite(unchecked)
         unchecked = None
         checkpoints.save(step, state, train_iter)
       if preempted:
@@ -169,18 +173,29 @@ def _recorded_config(config: ml_collections.ConfigDict, vocab_size: int):
   return config
 
 
-def _check_finite(unchecked: Optional[tuple[int, Any]], checkpoints):
-  """Raises FloatingPointError if that step's loss, gradients or parameters are not finite."""
+def _check_finite(unchecked: Optional[tuple[int, Any]], *, checkpoints, grad_clip: float):
+  """Raises FloatingPointError if that step's loss, gradients or parameters are not finite.
+
+  The message says what is true: which checkpoint there is to go back to (if
+  any), and clipping only as advice when it is off.
+  """
   if unchecked is None:
     return
   step, finite = unchecked
   if not bool(finite):
     checkpoints.wait()
+    latest = checkpoints.latest_step()
+    if latest is None:
+      saved = f'No checkpoint was saved before it, in {checkpoints.directory}.'
+    else:
+      saved = (f'The last good checkpoint is step {latest} in {checkpoints.directory} '
+               f'(nothing later was saved).')
+    advice = 'Lower config.learning_rate or raise config.warmup_steps'
+    advice += (f' (config.grad_clip = {grad_clip:g} already clips the gradients).' if grad_clip
+               else ', or set config.grad_clip (e.g. 1.0).')
     raise FloatingPointError(
         f'Training stopped at step {step}: the loss, the gradients or the updated '
-        f'parameters contain NaN or Inf. The last good checkpoint is step '
-        f'{checkpoints.latest_step()} in {checkpoints.directory} (nothing later was saved). '
-        f'Lower config.learning_rate, raise config.warmup_steps or set config.grad_clip.')
+        f'parameters contain NaN or Inf. {saved} {advice}')
 
 
 def _every(step: int, interval: int) -> bool:

@@ -57,6 +57,8 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
   with pytest.raises(FloatingPointError, match='step 2') as error:
     trainer.train_and_evaluate(config, tmp_path)
   assert 'last good checkpoint is step 1' in str(error.value)
+  # Clipping is on (grad_clip = 1.0): the advice does not suggest it.
+  assert 'already clips' in str(error.value) and 'set config.grad_clip' not in str(error.value)
   assert os.listdir(tmp_path / 'checkpoints') == ['1']
   step, state = train_testing.restore_state(config, tmp_path)
   assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))

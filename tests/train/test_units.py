@@ -1,4 +1,5 @@
 """The pure pieces: losses, the learning-rate schedules, the weight-decay mask, metric summaries."""
+import json
 import math
 
 import jax
@@ -108,3 +109,95 @@ def test_jsonl_writer_truncates_after_a_resumed_step(tmp_path):
   writer.close()
   assert [(r['step'], r['loss']) for r in train_testing.read_metrics(tmp_path)] == [
       (1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def _jsonl_lines(path):
+  with open(path, encoding='utf-8') as f:
+    return f.read().splitlines()
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+  """A kill in the middle of a write leaves half a record; resuming must not fail on it."""
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "split": "train", "loss": 1.0}\n'
+                  '{"step": 2, "split": "train", "loss": 2.0}\n{"step": 3, "spl')
+  writer = metrics.MetricsWriter(str(tmp_path), enabled=True)
+  writer.truncate_after(2)
+  writer.write(3, 'train', {'loss': 3.0})
+  writer.close()
+  assert [json.loads(line)['step'] for line in _jsonl_lines(path)] == [1, 2, 3]
+
+
+def test_a_damaged_metrics_line_inside_the_file_is_named(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "split": "train"}\nnot json\n{"step": 2, "split": "train"}\n')
+  writer = metrics.MetricsWriter(str(tmp_path), enabled=True)
+  with pytest.raises(ValueError, match='line 2 is not a JSON record'):
+    writer.truncate_after(1)
+  writer.write(3, 'train', {'loss': 3.0})  # The writer still works (its file was reopened).
+  writer.close()
+  assert len(_jsonl_lines(path)) == 4
+
+
+def test_the_metrics_rewrite_is_atomic(tmp_path, monkeypatch):
+  """A failure (a kill) during the rewrite at resume leaves the whole old history."""
+  writer = metrics.MetricsWriter(str(tmp_path), enabled=True)
+  for step in range(1, 6):
+    writer.write(step, 'train', {'loss': float(step)})
+  before = _jsonl_lines(tmp_path / 'metrics.jsonl')
+
+  def killed(*args):
+    raise KeyboardInterrupt('killed during the rewrite')
+
+  monkeypatch.setattr(metrics.os, 'replace', killed)
+  with pytest.raises(KeyboardInterrupt):
+    writer.truncate_after(2)
+  monkeypatch.undo()
+  writer.close()
+  assert _jsonl_lines(tmp_path / 'metrics.jsonl') == before
+
+
+def test_a_run_from_step_0_moves_an_old_history_aside(tmp_path):
+  old = tmp_path / 'metrics.jsonl'
+  old.write_text('{"step": 7, "split": "train", "loss": 7.0}\n')
+  writer = metrics.MetricsWriter(str(tmp_path), enabled=True)
+  writer.start_fresh()
+  writer.write(1, 'train', {'loss': 1.0})
+  writer.close()
+  assert [json.loads(line)['step'] for line in _jsonl_lines(old)] == [1]
+  moved = tmp_path / 'metrics.jsonl.previous-1'
+  assert [json.loads(line)['step'] for line in _jsonl_lines(moved)] == [7]
+  writer = metrics.MetricsWriter(str(tmp_path), enabled=True)  # Again: a second file aside.
+  writer.start_fresh()
+  writer.close()
+  assert (tmp_path / 'metrics.jsonl.previous-2').exists() and not _jsonl_lines(old)
+
+
+class _Checkpoints:
+  directory = '/w/checkpoints'
+
+  def __init__(self, latest):
+    self.latest = latest
+
+  def wait(self):
+    pass
+
+  def latest_step(self):
+    return self.latest
+
+
+@pytest.mark.parametrize('latest, grad_clip, says, never', [
+    (None, 0.0, ['No checkpoint was saved before it', 'set config.grad_clip'],
+     ['step None', 'already clips']),
+    (4, 1.0, ['last good checkpoint is step 4', 'grad_clip = 1 already clips'],
+     ['set config.grad_clip']),
+])
+def test_the_nan_message_says_what_is_true(latest, grad_clip, says, never):
+  from longjax.train import trainer  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FloatingPointError, match='step 5') as error:
+    trainer._check_finite((5, False), checkpoints=_Checkpoints(latest),  # pylint: disable=protected-access
+                          grad_clip=grad_clip)
+  for text in says:
+    assert text in str(error.value)
+  for text in never:
+    assert text not in str(error.value)
