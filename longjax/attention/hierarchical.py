@@ -1,5 +1,10 @@
 """Hierarchical attention in the style of H-Transformer-1D (Zhu & Soricut, 2021).
 
+Not yet the paper's method: H-Transformer-1D (and flaxformer) coarsen the
+queries too and interpolate coarse outputs back to tokens (linear cost); here
+every token's own query scores the coarse keys (more accurate, and
+O(L b log(L/b))), with no hierarchical relative position bias.
+
 The attention matrix is approximated by a hierarchical (H-) matrix: exact near
 the diagonal, coarser the farther a key is from the query.
 

@@ -6,11 +6,14 @@ key/value per block of `summary_block` tokens, all in one softmax.
 Summaries, exactly: the summary of block c is the mean of the keys and the
 mean of the values of tokens [c * summary_block, (c + 1) * summary_block) ∩
 [0, length) — of those in the query's own segment when segment_ids are given.
-(LongT5 sums the block's token embeddings, layer-normalises and projects
-them; because the projections are linear, mean-pooling the projected keys and
-values is that construction without the norm, and it keeps this kernel a
-function of q, k, v alone. A model that wants LongT5's exact summaries can
-feed its own.) A summary is one key, not weighted by the block size.
+A summary is one key, not weighted by the block size.
+
+Not yet LongT5's TGlobal (Guo et al. 2022), which sums the block's layer
+inputs, applies a learned RMS norm, then the layer's k/v projections, and
+biases summaries with a separate table on block distance: here the pooled
+keys carry RoPE and no norm, the summary bias is the token bias at the block's
+middle, and a trailing partial block is its own summary (LongT5 merges it into
+the previous one). The kernel takes no external summaries yet.
 
 Causal form: a query at position i sees the summary of block c only if the
 block ends before it, (c + 1) * summary_block <= i, so no later token leaks
