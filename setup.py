@@ -40,6 +40,9 @@ EXTRAS = {
         "nbclient==0.11.0",
         "nbformat==5.11.1",
         "ipykernel==7.4.0",
+        # The papers' reference code the kinds are tested against: HF's Flax LongT5
+        # (4.57.6 is the last release with Flax models).
+        "transformers==4.57.6",
     ],
     # GPU wheels for jax (CUDA 12); install with `pip install -e .[cuda]`.
     "cuda": ["jax[cuda12]==0.10.2"],

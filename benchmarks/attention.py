@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import harness  # noqa: E402
 
 KINDS = ('dense', 'full', 'local', 'global_local', 'transient_global', 'hierarchical',
-         'adaptive_span', 'chunked')
+         'multiresolution', 'adaptive_span', 'chunked')
 
 
 def kernel(kind: str, args):
@@ -40,10 +40,21 @@ def kernel(kind: str, args):
       global_local=dict(radius=args.radius, num_global=args.num_global),
       transient_global=dict(radius=args.radius, summary_block=args.summary_block),
       hierarchical=dict(level0_block=args.hierarchy_block),
+      multiresolution=dict(level0_block=args.hierarchy_block),
       adaptive_span=dict(max_span=args.radius, span_ramp=32.0,
                          spans=jnp.full((args.heads,), args.radius / 2)),
       chunked=dict(chunk_size=args.radius),
   )[kind]
+  if kind == 'transient_global':  # the model forms summaries from its inputs; here block means
+    block = args.summary_block
+
+    def with_summaries(q, k, v):
+      b, length, h, d = k.shape
+      g = length // block
+      means = lambda x: x[:, :g * block].reshape(b, g, block, h, d).mean(axis=2)
+      return fn(q, k, v, causal=causal, summary_k=means(k), summary_v=means(v), **kwargs)
+
+    return with_summaries
   return lambda q, k, v: fn(q, k, v, causal=causal, **kwargs)
 
 

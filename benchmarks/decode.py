@@ -67,10 +67,12 @@ def run_one(args):
   else:
     shape = (args.batch, args.length, config.num_kv_heads, config.head_dim)
     keys = jax.random.split(jax.random.key(1), 2 * config.num_layers)
+    q_shape = (args.batch, args.length, config.num_heads, config.head_dim)
     caches = [kv_cache.from_prompt(block.attention.cache_layout(max_length),
                                    jax.random.normal(keys[2 * i], shape, config.dtype),
                                    jax.random.normal(keys[2 * i + 1], shape,
-                                                     config.dtype), lengths)
+                                                     config.dtype), lengths,
+                                   queries=jnp.zeros(q_shape, config.dtype))
               for i, block in enumerate(model.decoder.blocks)]
     first_logits = jnp.zeros((args.batch, config.vocab_size), jnp.float32)
 

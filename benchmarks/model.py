@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness  # noqa: E402
 
-KINDS = ('full', 'local', 'global_local', 'transient_global', 'hierarchical', 'adaptive_span',
-         'chunked')
+KINDS = ('full', 'local', 'global_local', 'transient_global', 'hierarchical', 'multiresolution',
+         'adaptive_span', 'chunked')
 # Kind settings: radius 128 like the attention benchmark; LongT5's summary
 # block of 16; a hierarchy block of 64.
 SETTINGS = dict(radius=128, num_global=16, max_span=128, span_ramp=32.0)
@@ -63,7 +63,7 @@ def keys_per_query(kind: str, length: int) -> float:
     return float(np.mean(window + (i + 1) // BLOCKS['summary_block']))
   if kind == 'chunked':
     return float(np.mean(i % BLOCKS['chunk_size'] + 1))
-  if kind == 'hierarchical':
+  if kind in ('hierarchical', 'multiresolution'):  # the same keys per query (coarse or exact)
     from longjax.attention.hierarchical import num_levels
     b = BLOCKS['level0_block']
     total = (i % b) + 1 + np.where(i >= b, b, 0)  # level 0: own block so far + previous

@@ -46,7 +46,12 @@ COLUMNS_DOC = """\
   accuracy, exact_match, perplexity, bits_per_byte, loss, ...
                   every metric of that eval record (teacher-forced; exact_match
                   here is every answer token right under teacher forcing)
-  mean_span       adaptive span's mean learned span (eval record, else last train record)
+  mean_span       adaptive span's mean learned span in tokens (eval record, else last
+                  train record)
+  span/layer_<i>  layer i's mean learned span over its heads, in tokens (eval record,
+                  else last train record)
+  span/layer_<i>/head_<h>
+                  head h's learned span (eval records)
   decode_step, decode_rouge1, decode_rouge2, decode_rougeL, decode_bleu,
   decode_exact_match, ...
                   the latest --mode=decode scores (generated text), if any
@@ -55,8 +60,8 @@ COLUMNS_DOC = """\
   peak_memory_bytes      measured peak: device peak on GPU/TPU, on CPU the
                   process's peak RSS (includes compilation)
   workdir         the run's directory
-Training columns (tokens_per_sec, memory, mean_span from training) are filled
-only on the row at the run's own length."""
+Training columns (tokens_per_sec, memory, mean_span and span/layer_<i> from
+training) are filled only on the row at the run's own length."""
 
 # Always columns (the notebooks read them), in this order; any other metric an
 # eval record carries follows them.
@@ -66,6 +71,13 @@ DECODE_METRICS = ('rouge1', 'rouge2', 'rougeL', 'bleu', 'exact_match')
 RECORD_KEYS = ('step', 'split', 'seq_len')
 TRAIN_COLUMNS = ('tokens_per_sec', 'compiled_memory_bytes', 'peak_memory_bytes')
 DECODE_PREFIX = 'decode_'
+# Properties of the weights, not measurements at a length: exported, not plotted.
+SPAN_COLUMNS = ('mean_span',)
+SPAN_PREFIX = 'span/'
+
+
+def is_span_column(name: str) -> bool:
+  return name in SPAN_COLUMNS or name.startswith(SPAN_PREFIX)
 
 
 def attention_label(config: dict) -> str:
@@ -159,7 +171,11 @@ def _train_columns(run: RunRecord) -> dict:
   train = run.records('train')
   speeds = [m['tokens_per_sec'] for m in train if m.get('tokens_per_sec')]
   spans = [m['mean_span'] for m in train if m.get('mean_span') is not None]
+  # Each layer's span: of the last train record that has one.
+  layers = next(({k: v for k, v in m.items() if k.startswith(SPAN_PREFIX)}
+                 for m in reversed(train) if any(k.startswith(SPAN_PREFIX) for k in m)), {})
   return dict(
+      **layers,
       # The first logged interval includes compilation.
       tokens_per_sec=statistics.median(speeds[1:] or speeds) if speeds else None,
       compiled_memory_bytes=_largest(run, 'compiled_memory_bytes'),
@@ -182,8 +198,9 @@ def _row(run: RunRecord, length: int) -> dict:
                 for k, v in _measured(decoded).items()})
   if length == run.length:
     train = _train_columns(run)
-    # mean_span is a property of the weights: the eval record's, when it has one.
-    train['mean_span'] = row.get('mean_span', train['mean_span'])
+    # Spans are a property of the weights: the eval record's, when it has them.
+    for key in [k for k in train if is_span_column(k)]:
+      train[key] = row.get(key, train[key])
     row.update(train)
   row['workdir'] = run.workdir
   return row
@@ -217,7 +234,7 @@ def metric_columns(rows: Sequence[dict]) -> list[str]:
   start, end = names.index('step') + 1, names.index(TRAIN_COLUMNS[0])
   scores = {DECODE_PREFIX + k for k in DECODE_METRICS}
   return [c for c in names[start:end]
-          if c != 'mean_span' and (not c.startswith(DECODE_PREFIX) or c in scores) and
+          if not is_span_column(c) and (not c.startswith(DECODE_PREFIX) or c in scores) and
           any(isinstance(r.get(c), (int, float)) for r in rows)]
 
 

@@ -23,6 +23,7 @@ from longjax.attention import dot_product as _dot_product
 from longjax.attention import global_local as _global_local
 from longjax.attention import hierarchical as _hierarchical
 from longjax.attention import local as _local
+from longjax.attention import multiresolution as _multiresolution
 from longjax.attention import transient_global as _transient_global
 from longjax.attention.adaptive_span import adaptive_span, needed_radius, soft_mask, span_penalty
 from longjax.attention.chunked import chunked
@@ -30,11 +31,12 @@ from longjax.attention.dot_product import dot_product
 from longjax.attention.global_local import global_local
 from longjax.attention.hierarchical import hierarchical
 from longjax.attention.local import local
+from longjax.attention.multiresolution import multiresolution
 from longjax.attention.spec import PARAMS, CacheLayout, KeyGroup, KindSpec, Slots
 from longjax.attention.transient_global import transient_global
 
 _SPECS = (_dot_product.SPEC, _local.SPEC, _global_local.SPEC, _transient_global.SPEC,
-          _hierarchical.SPEC, _adaptive_span.SPEC, _chunked.SPEC)
+          _hierarchical.SPEC, _multiresolution.SPEC, _adaptive_span.SPEC, _chunked.SPEC)
 _REGISTRY = {s.name: s for s in _SPECS}
 KINDS: tuple[str, ...] = tuple(_REGISTRY)
 # The default kind: full attention, the reference every other kind is measured against.
@@ -58,6 +60,6 @@ def get(kind: str) -> Callable:
 __all__ = [
     'CacheLayout', 'DEFAULT_KIND', 'KINDS', 'KeyGroup', 'KindSpec', 'PARAMS', 'Slots',
     'adaptive_span',
-    'chunked', 'dot_product', 'get', 'global_local', 'hierarchical', 'local',
+    'chunked', 'dot_product', 'get', 'global_local', 'hierarchical', 'local', 'multiresolution',
     'needed_radius', 'soft_mask', 'span_penalty', 'spec', 'transient_global',
 ]

@@ -1,8 +1,7 @@
 """Mean-pooled keys and values over fixed groups of tokens, segment-aware.
 
-Transient-global attention (one summary per block) and hierarchical
-attention (coarser keys at each level) both replace a group of consecutive
-tokens by the mean of their keys and values.
+Multiresolution attention (coarser keys at each level) replaces a group of
+consecutive tokens by the mean of their keys and values.
 
 With packed sequences a group can straddle a segment boundary. A token must
 never see another segment, so the pooled key a query sees is the mean over

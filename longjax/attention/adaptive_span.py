@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -95,7 +96,12 @@ def adaptive_span(q, k, v, *, spans, max_span: int, span_ramp: float = 32.0,
 
 
 def _clipped_spans(spans, max_span: int, heads: int, name: str):
-  spans = jnp.clip(jnp.asarray(spans, jnp.float32), 0.0, max_span)
+  # Spans outside [0, max_span] are used as the nearest bound, but the
+  # gradient passes straight through: the model keeps its span parameters in
+  # range by clamping them after each optimizer update (Sukhbaatar et al.'s
+  # clamp_param), and a span sitting at a bound must keep its full gradient.
+  spans = jnp.asarray(spans, jnp.float32)
+  spans = spans + jax.lax.stop_gradient(jnp.clip(spans, 0.0, max_span) - spans)
   if spans.shape != (heads,):
     raise ValueError(f'{name}: spans must be [heads] = ({heads},); got {spans.shape}.')
   return spans

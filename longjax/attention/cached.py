@@ -43,6 +43,8 @@ def _group_part(qg, group: KeyGroup, bias_fn) -> _core.Part:
     scores = scores + jnp.moveaxis(bias, 1, 2).reshape(b, kv_heads, size, 1, n)
   if group.log_weight is not None:
     scores = scores + _per_head(group.log_weight.astype(jnp.float32), kv_heads)
+  if group.bias is not None:
+    scores = scores + _per_head(group.bias.astype(jnp.float32), kv_heads)
   weight = None if group.weight is None else _per_head(
       group.weight.astype(jnp.float32), kv_heads)
   row_max, probs, row_sum = _core.softmax_stats(scores, _per_head(group.mask, kv_heads), weight)
@@ -77,6 +79,10 @@ def attend(q, groups: Sequence[KeyGroup], *, bias_fn: Optional[Callable] = None,
       raise ValueError(f'attend: query heads ({heads}) must be a multiple of the same '
                        f'kv_heads in every group; got {group.k.shape[1]}.')
   scale = _core.default_scale(dim, scale)
-  qg = (q * jnp.asarray(scale, q.dtype)).reshape(batch, kv_heads, heads // kv_heads, 1, dim)
-  out = _core.merge([_group_part(qg, group, bias_fn) for group in groups], q.dtype)
+  scaled = lambda x: (x.astype(q.dtype) * jnp.asarray(scale, q.dtype)).reshape(
+      batch, kv_heads, heads // kv_heads, 1, dim)
+  qg = scaled(q)
+  # A group may be scored with a query of its own (H-Transformer-1D's coarse query).
+  out = _core.merge([_group_part(qg if group.query is None else scaled(group.query), group,
+                                 bias_fn) for group in groups], q.dtype)
   return out[:, 0]  # [b, 1, heads, d] -> [b, heads, d]

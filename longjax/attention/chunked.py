@@ -5,20 +5,39 @@ chunk attends only to itself (causally when asked). It is what one gets by
 running a short-context model over a long input piece by piece, and the
 baseline every long-range method should beat. O(length * chunk_size).
 
+Chunks are aligned to the document: with segment_ids, each segment's chunks
+start at its first token, so a packed document is chunked as it is alone.
+(With model.positions = 'learned' the model restarts positions in every chunk,
+so the model is exactly "split, attend, concatenate"; RoPE and T5 biases are
+relative and need nothing.)
+
 The kernel is the blocked window of `local` with tiles of one chunk and no
-neighbours; decoding keeps a ring of one chunk and masks it with `same_chunk`.
+neighbours; with segments, the window of radius chunk_size - 1 over chunk
+tiles and their neighbours, masked to the same (segment, chunk). Decoding
+keeps a ring of one chunk and masks it with `same_chunk`.
 """
 from __future__ import annotations
 
 from typing import Optional
+
+import jax.numpy as jnp
 
 from longjax.attention import _core, spec
 from longjax.attention.local import ring_length, window_group, window_part
 
 
 def same_chunk(query_pos, key_pos, chunk_size: int):
-  """Whether a query and a key lie in the same chunk (numpy or jax ints)."""
+  """Whether a query and a key lie in the same chunk (numpy or jax ints;
+  positions in their segment)."""
   return query_pos // chunk_size == key_pos // chunk_size
+
+
+def chunk_ids(segment_ids, chunk_size: int):
+  """[b, l] int32: a different id for every (segment, chunk) — the row position
+  of the chunk's first token, its chunks counted from the segment's start."""
+  start, _ = _core.segment_bounds(segment_ids)
+  position = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+  return position - (position - start) % chunk_size
 
 
 def chunked(q, k, v, *, chunk_size: int, causal: bool = False, segment_ids=None,
@@ -32,8 +51,13 @@ def chunked(q, k, v, *, chunk_size: int, causal: bool = False, segment_ids=None,
   qh, kh, vh, segment_ids, _ = _core.self_attention_inputs(q, k, v, segment_ids, scale, name)
   chunk_size = _core.check_positive_int(chunk_size, name, 'chunk_size')
   _core.resolve_implementation(implementation, name, supported=SPEC.implementations)
-  part = window_part(qh, kh, vh, block=chunk_size, before=0, after=0, radius=None,
-                     causal=causal, segment_ids=segment_ids, bias_fn=bias_fn)
+  if segment_ids is None:  # chunks are the row's tiles
+    part = window_part(qh, kh, vh, block=chunk_size, before=0, after=0, radius=None,
+                       causal=causal, segment_ids=None, bias_fn=bias_fn)
+  else:  # a segment's chunk spans at most two tiles
+    part = window_part(qh, kh, vh, block=chunk_size, before=1, after=0 if causal else 1,
+                       radius=chunk_size - 1, causal=causal,
+                       segment_ids=chunk_ids(segment_ids, chunk_size), bias_fn=bias_fn)
   return _core.merge([part], q.dtype)
 
 

@@ -1,26 +1,44 @@
-"""Global + local attention (Longformer / ETC global tokens, attention sinks).
+"""Global + local attention: Longformer's global attention (Beltagy et al. 2020, §3.1).
 
-Every query attends its sliding window (|i - j| <= radius) and every global
-token; global tokens attend every key. When causal, every query still sees
-only keys j <= i (for a causal LM the first tokens then act as the "attention
-sinks" of StreamingLLM). Tokens attend only within their own segment.
+Every query attends its sliding window (|i - j| <= radius) and the global
+tokens of its segment; a global token attends every key of its segment. When
+causal, every query sees only keys j <= i, global or not. Cost:
+O(length * (radius + num_global)).
 
-Global positions are 0 .. num_global-1, or any per-token boolean mask
-(question tokens, a [CLS] per sentence) with at most `num_global` true entries
-per row. Cost: O(length * (radius + num_global)).
+Global tokens, aligned to the document: the first `num_global` tokens of every
+segment (`global_mask=None`; with segment_ids, each packed document has its
+own), or a task's marked tokens (`global_mask`), at most `num_global` per
+segment (later marks are local). A packed document gets exactly what it gets
+alone.
 
-How: three pieces, each linear in length.
-  1. the blocked sliding window of `local`, with global keys removed from it so
-     that no key is counted twice;
-  2. every query against the gathered global keys ([length, num_global] scores),
-     normalised together with 1. in one softmax;
-  3. the global queries against all keys ([num_global, length] scores); their
-     rows replace the rows 1.+2. gave them.
+Separate projections (Longformer §3.1, "Linear Projections for Global
+Attention"): the rows of global queries are computed from their own
+projections, softmax(Q_g K_g^T) V_g over the keys they see, when `global_qkv =
+(q_g, k_g, v_g)` is given (the model's default); every other row uses q, k, v
+(its global keys too, as in Longformer, where K_s, V_s serve local queries).
+
+In a causal LM, prefix global tokens can only summarise the first
+`num_global` tokens of their document: causal `global_local` is local
+attention plus attention sinks (StreamingLLM, Xiao et al. 2023), not a
+long-range path. The passkey task's 'marked' mode makes its question tokens
+global, so there the scored rows attend the whole prefix.
+
+How: the window tiles of `local` (tile T >= radius), and per tile a small set
+of slots — the tile's own positions and the global tokens, outside the tile, of
+the segments of its first and last tokens (at most 2 * num_global; for one
+unpacked row with prefix globals, just its num_global); every global token a
+tile's queries or keys can pair with is among them. So:
+  1. the blocked window with global keys removed from it (none counted twice);
+  2. each query tile against its slots' global keys ([T, T + 2g] scores);
+  3. the slots' global queries against each key tile ([T + 2g, T] scores);
+     their partial softmax statistics merge across tiles by log-sum-exp into
+     the global rows, which replace what 1. + 2. gave them.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
 
 from longjax.attention import _core, spec
@@ -29,107 +47,194 @@ from longjax.attention.local import (default_block, ring_length, window_group, w
 
 
 def prefix_global(position, num_global: int):
-  """Whether a position is one of the prefix global tokens (numpy or jax ints)."""
+  """Whether a position (in its segment) is a prefix global token (numpy or jax ints)."""
   return position < num_global
 
 
-def _global_indices(global_mask, num_global):
-  """Positions of the first num_global global tokens per row, and their validity."""
-  # A stable sort of "not global" puts global positions first, in order.
-  order = jnp.argsort(~global_mask, axis=1, stable=True)[:, :num_global]
-  valid = jnp.take_along_axis(global_mask, order, axis=1)
-  return order.astype(jnp.int32), valid
+class Globals(NamedTuple):
+  """The global tokens of a batch.
+
+  is_global: [b, l] bool; table: [b, l, num_global] int32, at a segment's first
+  position the positions of its global tokens in order (-1 none), elsewhere -1;
+  start: [b, l] int32 the first position of each token's segment.
+  """
+  is_global: jax.Array
+  table: jax.Array
+  start: jax.Array
+
+
+def find_globals(segment_ids, global_mask, *, num_global: int, batch: int,
+                 length: int) -> Globals:
+  """Each segment's global tokens: its first num_global, or its first num_global marked."""
+  seg = jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids
+  start, _ = _core.segment_bounds(seg)
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  if global_mask is None:
+    rank = positions - start
+    candidate = jnp.ones((batch, length), bool)
+  else:
+    candidate = global_mask.astype(bool)
+    count = jnp.cumsum(candidate.astype(jnp.int32), axis=1)
+    before = jnp.take_along_axis(count - candidate, start, axis=1)  # marks before the segment
+    rank = count - before - 1
+  is_global = candidate & prefix_global(rank, num_global)
+  rows = jnp.arange(batch)[:, None]
+  table = jnp.full((batch, length, num_global), -1, jnp.int32).at[
+      rows, start, jnp.where(is_global, rank, num_global)].set(positions, mode='drop')
+  return Globals(is_global, table, start)
+
+
+def _slots(globals_: Globals, *, tile: int, n: int, one_prefix: bool):
+  """Per tile, the positions [b, n, T + 2g] that may hold a global token its
+  queries or keys pair with, and whether each slot is one ([b, n, T + 2g]).
+
+  one_prefix: the row is one segment with prefix globals, so the slots are
+  just its g global tokens, the same for every tile.
+  """
+  b, length, g = globals_.table.shape
+  if one_prefix:
+    pos = jnp.broadcast_to(globals_.table[:, :1, :], (b, n, g))
+    return jnp.maximum(pos, 0), pos >= 0
+  padded = n * tile
+  first = jnp.arange(n) * tile
+  last = jnp.minimum(first + tile - 1, length - 1)
+  lo, hi = first[None, :, None], (first + tile)[None, :, None]
+  table_of = lambda p: jnp.take_along_axis(
+      globals_.table, jnp.take_along_axis(globals_.start, jnp.broadcast_to(p, (b, n)), 1)[
+          :, :, None], axis=1)  # [b, n, g]
+  before = table_of(first[None, :])
+  before = jnp.where(before < lo, before, -1)  # the first token's segment, outside the tile
+  after = table_of(last[None, :])
+  after = jnp.where(after >= hi, after, -1)  # the last token's segment, outside the tile
+  own = jnp.broadcast_to(jnp.arange(padded).reshape(n, tile), (b, n, tile))
+  is_global = _core.pad_axis(globals_.is_global, 1, padded).reshape(b, n, tile)
+  own = jnp.where(is_global, own, -1)
+  pos = jnp.concatenate([before, after, own], axis=2)
+  return jnp.maximum(pos, 0), pos >= 0
+
+
+def _gather(x, pos, axis):
+  """x [b, hk, (g,) l, d] at positions pos [b, n, s] -> [b, hk, (g,) n, s, d]."""
+  b, n, s = pos.shape
+  index = pos.reshape((b,) + (1,) * (axis - 1) + (n * s, 1))
+  taken = jnp.take_along_axis(x, index, axis=axis)
+  return taken.reshape(taken.shape[:axis] + (n, s, x.shape[-1]))
+
+
+def _bias(bias_fn, rel, kv_heads):
+  """bias_fn on rel [b, n, a, c] -> [b, hk, n, group, a, c]."""
+  return jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (4, 5), (1, 3))
 
 
 def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
-                 segment_ids=None, global_mask=None,
+                 segment_ids=None, global_mask=None, global_qkv=None,
                  bias_fn: Optional[_core.BiasFn] = None,
                  scale: Optional[float] = None, tile: Optional[int] = None,
                  implementation: str = 'auto'):
-  """Sliding window of `radius` plus global tokens.
+  """Sliding window of `radius` plus global tokens (see the module doc).
 
   Args:
     q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim].
     radius: local window radius (>= 1).
-    num_global: number of global positions (0 .. num_global-1), or, with
-      `global_mask`, the most global tokens a row may have (extra true entries
-      beyond the first num_global are treated as local).
+    num_global: global tokens per segment: its first num_global, or with
+      `global_mask` the most it may have (later marks are local).
     causal: only keys j <= i, global or not.
     segment_ids: [batch, length] ints.
     global_mask: optional [batch, length] bool marking global tokens.
+    global_qkv: optional (q_g, k_g, v_g), shaped as q, k, v: the separate
+      projections the global rows are computed from (Longformer); None: q, k, v.
     bias_fn, scale, tile, implementation: as in `local`.
   Returns:
     [batch, length, heads, head_dim] in q's dtype.
   """
   name = 'global_local'
-  qh, kh, vh, segment_ids, dims = _core.self_attention_inputs(q, k, v, segment_ids, scale, name)
+  qh, kh, vh, seg, dims = _core.self_attention_inputs(q, k, v, segment_ids, scale, name)
   batch, length, kv_heads = dims.batch, dims.length, dims.kv_heads
   radius = _core.check_positive_int(radius, name, 'radius')
   num_global = _core.check_positive_int(num_global, name, 'num_global', minimum=0)
   _core.resolve_implementation(implementation, name, supported=SPEC.implementations)
-  num_global = min(num_global, length)
-  positions = jnp.arange(length, dtype=jnp.int32)
-
-  if global_mask is None:  # The prefix: every position p with prefix_global(p, num_global).
-    global_idx = jnp.broadcast_to(positions[:num_global], (batch, num_global))
-    global_valid = jnp.ones((batch, num_global), bool)
-  else:
-    if global_mask.shape != (batch, length):
-      raise ValueError(f'{name}: global_mask must be [batch, length] = {(batch, length)}; '
-                       f'got {global_mask.shape}.')
-    global_idx, global_valid = _global_indices(global_mask.astype(bool), num_global)
-  rows = jnp.arange(batch)[:, None]
-  is_global = jnp.zeros((batch, length), bool).at[rows, global_idx].max(global_valid)
-
-  window = window_part(qh, kh, vh, block=tile or default_block(radius), before=1,
-                       after=0 if causal else 1,
-                       radius=radius, causal=causal, segment_ids=segment_ids,
-                       bias_fn=bias_fn, key_exclude=is_global)
+  if global_mask is not None and global_mask.shape != (batch, length):
+    raise ValueError(f'{name}: global_mask must be [batch, length] = {(batch, length)}; '
+                     f'got {global_mask.shape}.')
+  tile = tile or default_block(radius)
   if num_global == 0:
-    return _core.merge([window], q.dtype)
+    return _core.merge([window_part(qh, kh, vh, block=tile, before=1, after=0 if causal else 1,
+                                    radius=radius, causal=causal, segment_ids=seg,
+                                    bias_fn=bias_fn)], q.dtype)
+  if global_qkv is None:
+    gq, gk, gv = qh, kh, vh
+  else:
+    if tuple(x.shape for x in global_qkv) != (q.shape, k.shape, v.shape):
+      raise ValueError(f'{name}: global_qkv must be shaped as q, k, v; got '
+                       f'{[x.shape for x in global_qkv]}.')
+    gq, gk, gv, _, _ = _core.self_attention_inputs(*global_qkv, None, scale, name)
 
-  # Gathers the global positions along the length axis `axis` of x.
-  def take(x, axis):
-    shape = [1] * x.ndim
-    shape[0], shape[axis] = batch, num_global
-    return jnp.take_along_axis(x, global_idx.reshape(shape), axis=axis)
+  found = find_globals(seg, global_mask, num_global=num_global, batch=batch, length=length)
+  n = -(-length // tile)
+  padded = n * tile
+  # 1. The window, without the global keys (they come in 2.).
+  window = window_part(qh, kh, vh, block=tile, before=1, after=0 if causal else 1,
+                       radius=radius, causal=causal, segment_ids=seg, bias_fn=bias_fn,
+                       key_exclude=found.is_global)
 
-  seg = segment_ids if segment_ids is not None else jnp.zeros((batch, length), jnp.int32)
-  seg_glob = take(seg, 1)
+  pos, valid = _slots(found, tile=tile, n=n,
+                      one_prefix=seg is None and global_mask is None)  # [b, n, s]
+  seg_all = jnp.zeros((batch, length), jnp.int32) if seg is None else seg
+  seg_slot = jnp.take_along_axis(seg_all, pos.reshape(batch, -1), 1).reshape(pos.shape)
+  tile_pos = jnp.arange(padded).reshape(n, tile)[None]  # [1, n, T]
+  seg_tile = _core.pad_axis(seg_all, 1, padded, value=-1).reshape(batch, n, tile)
 
-  # 2. Every query against the global keys: a [l, G] tile.
-  rel = positions[None, :, None] - global_idx[:, None, :]  # [b, l, G]
-  mask = global_valid[:, None, :] & (seg[:, :, None] == seg_glob[:, None, :])
+  # 2. Each query tile against its slots' global keys: [T, s] tiles.
+  mask = valid[:, :, None, :] & (seg_tile[:, :, :, None] == seg_slot[:, :, None, :])
+  rel = tile_pos[:, :, :, None] - pos[:, :, None, :]  # query - key
   if causal:
-    mask &= rel >= 0
-  bias = None
-  if bias_fn is not None:  # [b, l, G, hk, g] -> [b, hk, 1, g, l, G]
-    bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (3, 4), (1, 2))[:, :, None]
-  to_global = _core.attend_blocks(qh[:, :, None], take(kh, 2)[:, :, None],
-                                  take(vh, 2)[:, :, None], mask=mask[:, None, None, None],
-                                  bias=bias)
-  out = _core.merge([window, to_global], q.dtype)
+    mask = mask & (rel >= 0)
+  qb = jnp.swapaxes(_core.pad_axis(qh, 3, padded).reshape(
+      batch, kv_heads, -1, n, tile, dims.head_dim), 2, 3)  # [b, hk, n, g, T, d]
+  to_globals = _core.attend_blocks(
+      qb, _gather(kh, pos, 2), _gather(vh, pos, 2), mask=mask[:, None, :, None],
+      bias=None if bias_fn is None else _bias(bias_fn, rel, kv_heads))
+  out = _core.merge([window, _core.slice_part(to_globals, length)], q.dtype)
 
-  # 3. Global queries attend every key ([G, l] tile); their rows replace the local ones.
-  rel = global_idx[:, :, None] - positions[None, None, :]  # [b, G, l]
-  mask = seg_glob[:, :, None] == seg[:, None, :]
+  # 3. The slots' global queries against each key tile: [s, T] tiles, merged
+  # across tiles per global query by log-sum-exp.
+  mask = valid[:, :, :, None] & (seg_slot[:, :, :, None] == seg_tile[:, :, None, :])
+  rel = pos[:, :, :, None] - tile_pos[:, :, None, :]
   if causal:
-    mask &= rel >= 0
-  bias = None
-  if bias_fn is not None:
-    bias = jnp.moveaxis(_core.bias_heads(bias_fn, rel, kv_heads), (3, 4), (1, 2))[:, :, None]
-  from_global = _core.attend_blocks(take(qh, 3)[:, :, None], kh[:, :, None], vh[:, :, None],
-                                    mask=mask[:, None, None, None], bias=bias)
-  out_glob = _core.merge([from_global], q.dtype)  # [b, G, heads, d]
-  # Invalid (padding) entries of global_idx point at real positions: write
-  # those rows back unchanged.
-  current = jnp.take_along_axis(out, global_idx[:, :, None, None], axis=1)
-  out_glob = jnp.where(global_valid[:, :, None, None], out_glob, current)
-  return out.at[rows, global_idx].set(out_glob)
+    mask = mask & (rel >= 0)
+  blocks = lambda x: _core.pad_axis(x, 2, padded).reshape(batch, kv_heads, n, tile, -1)
+  queries = jnp.swapaxes(_gather(gq, pos, 3), 2, 3)  # [b, hk, n, g, s, d]
+  part = _core.attend_blocks(queries, blocks(gk), blocks(gv), mask=mask[:, None, :, None],
+                             bias=None if bias_fn is None else _bias(bias_fn, rel, kv_heads))
+  rows = _merge_by_position(part, pos, valid, length)
+  return jnp.where(found.is_global[:, :, None, None], rows.astype(q.dtype), out)
+
+
+def _merge_by_position(part: _core.Part, pos, valid, length):
+  """Normalises the parts of each position (slots of every tile) in one softmax.
+
+  part: rows [b, hk, g, n * s]; pos, valid [b, n, s]. Returns [b, l, heads, d]
+  (zeros for positions without a part).
+  """
+  b, hk, g, _ = part.max.shape
+  ids = (jnp.where(valid, pos, length) + jnp.arange(b)[:, None, None] * (length + 1))
+  ids = ids.reshape(-1)
+  flat = lambda x: jnp.moveaxis(x, 3, 1).reshape((-1,) + x.shape[1:3] + x.shape[4:])
+  segments = b * (length + 1)
+  best = jax.ops.segment_max(flat(part.max), ids, num_segments=segments)
+  best = jax.lax.stop_gradient(best)
+  correction = jnp.exp(flat(part.max) - best[ids])
+  total = jax.ops.segment_sum(flat(part.sum) * correction, ids, num_segments=segments)
+  out = jax.ops.segment_sum(flat(part.out) * correction[..., None], ids, num_segments=segments)
+  out = out / jnp.where(total > 0, total, 1.0)[..., None]
+  out = out.reshape(b, length + 1, hk * g, -1)
+  return out[:, :length]
 
 
 # Decoding (prefix global tokens only): the first num_global positions stay
-# pinned in the cache (attention sinks), the window is a ring.
+# pinned in the cache (attention sinks), the window is a ring. With separate
+# projections the pinned positions also keep their global keys/values, for the
+# rows of a prompt shorter than num_global (`decode_global_keys`).
 def cache_layout(settings, max_length: int) -> spec.CacheLayout:
   return spec.CacheLayout(pinned=min(settings['num_global'], max_length),
                           ring=ring_length(settings['radius'] + 1, max_length))
@@ -142,7 +247,18 @@ def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
       prefix_global(key, num_global) | window_visible(query - key, radius=radius, causal=True)))]
 
 
+def decode_global_keys(settings, pinned: spec.Slots, t):
+  """For a query at t [b] that is a global token (`prefix_global(t)`, the
+  first positions): the pinned global keys/values it sees (keys <= t); with
+  whether each row's query is global, [b] bool."""
+  num_global = settings['num_global']
+  mask = (pinned.held >= 0) & (pinned.held <= t[:, None])
+  return [spec.KeyGroup(pinned.k, pinned.v, mask, rel=t[:, None] - pinned.held)], \
+      prefix_global(t, num_global)
+
+
 SPEC = spec.KindSpec(
     'global_local', global_local, ('radius', 'num_global'), 'O(L (r + g))',
-    'Longformer / ETC global tokens; attention sinks (Xiao et al. 2023)',
-    cache_layout=cache_layout, decode_keys=decode_keys, accepts_global_mask=True)
+    'Longformer global attention (Beltagy et al. 2020); attention sinks (Xiao et al. 2023)',
+    cache_layout=cache_layout, decode_keys=decode_keys, accepts_global_mask=True,
+    global_projections=True, decode_global_keys=decode_global_keys)

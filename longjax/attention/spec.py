@@ -13,8 +13,10 @@ A kind is defined once, in its own module, by its `SPEC`:
     written beside the kernel from the same visibility functions the kernel
     builds its tile masks with, so the cache cannot drift from the kernel;
   * what the model layer must supply besides the settings: `learns_spans`
-    (a learned span per head, adaptive span) and `accepts_global_mask` (the
-    task's marked global tokens);
+    (a learned span per head, adaptive span), `accepts_global_mask` (the
+    task's marked global tokens), `summary_layout` (block summaries built
+    from the layer's inputs, LongT5's TGlobal) and `global_projections`
+    (separate projections for global rows, Longformer's);
   * its cost and its paper.
 """
 from __future__ import annotations
@@ -37,6 +39,15 @@ class CacheLayout(NamedTuple):
   ring: int
   pool_sizes: tuple[int, ...] = ()
   pool_slots: tuple[int, ...] = ()
+  # The pooled keys/values are formed by the layer from the group's summed
+  # inputs (LongT5 summaries), not as the mean of the group's keys/values.
+  pool_from_inputs: bool = False
+  # The pinned positions also keep keys/values of the global projections
+  # (set by a layer that has them, see KindSpec.global_projections).
+  global_slots: int = 0
+  # Every pooled buffer also keeps the query of its open group's first
+  # position (H-Transformer-1D's causal coarse query).
+  pool_queries: bool = False
 
   @property
   def slots(self) -> int:
@@ -48,11 +59,13 @@ class Slots(NamedTuple):
 
   k, v: [batch, kv_heads, slots, head_dim]; held: [batch, slots] int32, the
   position (window buffer) or group index (pooled buffer) of each slot, -1
-  for an empty slot.
+  for an empty slot. query: [batch, heads, head_dim], the query of the open
+  group's first position (pooled buffers of layouts with pool_queries), or None.
   """
   k: jax.Array
   v: jax.Array
   held: jax.Array
+  query: Optional[jax.Array] = None
 
 
 class KeyGroup(NamedTuple):
@@ -66,6 +79,10 @@ class KeyGroup(NamedTuple):
     a pooled key stands for), or None.
   weight: float [batch, heads, slots] multiplying the unnormalised probability
     (adaptive span's soft mask), or None; keys of weight 0 must be masked.
+  bias: float [batch, heads, slots] added to the score, a bias the rule
+    computes itself (transient-global summaries' own table), or None.
+  query: [batch, heads, head_dim], the query this group is scored with
+    instead of the token's own (H-Transformer-1D's coarse query), or None.
   """
   k: jax.Array
   v: jax.Array
@@ -73,6 +90,8 @@ class KeyGroup(NamedTuple):
   rel: Optional[jax.Array] = None
   log_weight: Optional[jax.Array] = None
   weight: Optional[jax.Array] = None
+  bias: Optional[jax.Array] = None
+  query: Optional[jax.Array] = None
 
 
 # cache_layout(settings, max_length) -> CacheLayout
@@ -128,6 +147,22 @@ class KindSpec:
   implementations: tuple[str, ...] = ('xla',)
   learns_spans: bool = False
   accepts_global_mask: bool = False
+  # Summaries built by the layer from its inputs (transient_global): the
+  # kind's summary_layout(segment_ids, batch=, length=, summary_block=,
+  # causal=) says which token goes into which summary slot; the kernel then
+  # takes summary_k, summary_v and summary_bias_fn.
+  summary_layout: Optional[Callable] = None
+  # Global rows computed from separate projections (Longformer's Q_g, K_g,
+  # V_g): the kernel takes global_qkv, and decode_global_keys(settings,
+  # pinned: Slots of the pinned positions' global keys/values, t) -> (groups,
+  # is_global [b]) is the decode rule of a query that is a global token.
+  global_projections: bool = False
+  decode_global_keys: Optional[Callable] = None
+  # Whether the kind aligns its structure (global tokens, blocks, groups,
+  # chunks) to every segment, so that a packed document gets what it gets
+  # alone. False: aligned to the row, exact only for a row's first segment, so
+  # runs refuse packed LM data (config.dataset.pack).
+  segment_aligned: bool = True
 
   def settings(self, values) -> dict:
     """This kind's settings from any object (a typed config) or mapping holding them."""

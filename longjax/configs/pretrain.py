@@ -15,6 +15,7 @@ v4-32 slice (prepare pg19 as array_record first:
 
 Argument: an attention kind and/or a size: `small` (default), `tiny` (tests), `pg19`.
 """
+from longjax import attention
 from longjax.configs import base
 
 SIZES = {
@@ -62,4 +63,8 @@ def get_config(arg: str = ''):
   base.set_size(config, size, SIZES)
   if kind:
     config.model.attention.kind = kind
+    if not attention.spec(kind).segment_aligned:
+      # Its groups follow the row (multiresolution): packed, a document's result would
+      # move with its offset, so each document gets a row of its own.
+      config.dataset.pack = False
   return config

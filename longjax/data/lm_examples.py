@@ -17,8 +17,10 @@ For training, pieces of several documents are interleaved before packing
 (`interleaved_pieces`); evaluation reads documents in order.
 
 A target never crosses a piece boundary: the last target of a piece is the
-token after it in its own document (or eos), so attention that honours
-segment ids sees exactly what an unpacked model would.
+token after it in its own document (or eos). Every attention kind aligns its
+structure (global tokens, summary blocks, hierarchy groups, chunks) to the
+segment, so a packed piece gets exactly the logits it gets alone
+(tests/models/test_packing.py), whatever it is packed with.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from longjax import attention as kernels
 from longjax import sharding
+from longjax.attention import cached
 from longjax.models import cache as kv_cache
 from longjax.models import layers
 from longjax.models.config import ModelConfig
@@ -57,7 +58,23 @@ class SelfAttention(_Projections):
     super().__init__(config, rngs=rngs)
     self.kind = kind
     self.causal = causal
+    if self.has_global_projections:
+      # Longformer §3.1: global rows get their own projections Q_g, K_g, V_g.
+      e, h, hk, d = config.emb_dim, config.num_heads, config.num_kv_heads, config.head_dim
+      pd = config.param_dtype
+      self.wq_global = layers.param(rngs, layers.normal(e ** -0.5), (e, h, d),
+                                    ('embed', 'heads', 'kv'), pd)
+      self.wk_global = layers.param(rngs, layers.normal(e ** -0.5), (e, hk, d),
+                                    ('embed', 'kv_heads', 'kv'), pd)
+      self.wv_global = layers.param(rngs, layers.normal(e ** -0.5), (e, hk, d),
+                                    ('embed', 'kv_heads', 'kv'), pd)
+    if self.spec.summary_layout is not None:
+      # LongT5's global_input_layer_norm: a learned RMS norm of each block's
+      # summed inputs, before the layer's own k/v projections.
+      self.summary_norm = layers.RMSNorm(config.emb_dim, dtype=config.dtype,
+                                         param_dtype=config.param_dtype, rngs=rngs)
     if self.spec.learns_spans:
+      # A fraction of max_span per head, kept in [0, 1] by the optimizer (spans()).
       init = jax.nn.initializers.constant(config.attention.span_init)
       self.span_fraction = layers.param(rngs, init, (config.num_heads,), ('heads',),
                                         jnp.float32)
@@ -68,15 +85,28 @@ class SelfAttention(_Projections):
     return kernels.spec(self.kind)
 
   def spans(self):
-    """Span of each head in tokens (kinds that learn spans)."""
-    fraction = jnp.clip(self.span_fraction[...], 0.0, 1.0)
-    return fraction * self.config.attention.max_span
+    """Span of each head in tokens (kinds that learn spans): fraction * max_span.
 
-  def project(self, x, positions):
-    """Queries, keys and values [b, l, heads, d] (RoPE applied)."""
-    q = jnp.einsum('ble,ehd->blhd', x, self._w(self.wq))
-    k = jnp.einsum('ble,ehd->blhd', x, self._w(self.wk))
-    v = jnp.einsum('ble,ehd->blhd', x, self._w(self.wv))
+    Not clipped here: as in Sukhbaatar et al. (facebookresearch/adaptive-span,
+    `AdaptiveMask.clamp_param` after each `optimizer.step()`), the optimizer
+    keeps the parameter in [0, 1] (`longjax.train.optimizer.clamp_spans`), so a
+    head whose span sits at 0 or at max_span still gets a gradient and can move
+    back. A clip in the forward pass would freeze such a head for good.
+    """
+    return self.span_fraction[...] * self.config.attention.max_span
+
+  @property
+  def has_global_projections(self) -> bool:
+    return self.spec.global_projections and self.config.attention.global_projections
+
+  def project(self, x, positions, *, global_rows: bool = False):
+    """Queries, keys and values [b, l, heads, d] (RoPE applied); global_rows:
+    those of the separate global projections."""
+    wq, wk, wv = ((self.wq_global, self.wk_global, self.wv_global) if global_rows
+                  else (self.wq, self.wk, self.wv))
+    q = jnp.einsum('ble,ehd->blhd', x, self._w(wq))
+    k = jnp.einsum('ble,ehd->blhd', x, self._w(wk))
+    v = jnp.einsum('ble,ehd->blhd', x, self._w(wv))
     if self.config.positions == 'rope':
       q = layers.apply_rope(q, positions, self.config.rope_max_wavelength)
       k = layers.apply_rope(k, positions, self.config.rope_max_wavelength)
@@ -85,11 +115,35 @@ class SelfAttention(_Projections):
     v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
     return q, k, v
 
+  def summary_kv(self, sums):
+    """Summary keys and values [..., kv_heads, d] of summed inputs [..., emb].
+
+    LongT5 TGlobal (Guo et al. 2022, §3.1.2): k = W_k RMSNorm_g(sum x),
+    v = W_v RMSNorm_g(sum x), the layer's own projections, no rotary embedding.
+    """
+    s = self.summary_norm(sums)
+    return (jnp.einsum('...e,ehd->...hd', s, self._w(self.wk)),
+            jnp.einsum('...e,ehd->...hd', s, self._w(self.wv)))
+
+  def summaries(self, x, segment_ids):
+    """Keys and values [b, G, kv_heads, d] of the summaries of x [b, l, emb]'s
+    blocks, slot by slot as the kind's summary_layout numbers them."""
+    b, l, e = x.shape
+    layout = self.spec.summary_layout(segment_ids, batch=b, length=l,
+                                      summary_block=self.config.attention.summary_block,
+                                      causal=self.causal)
+    slots = layout.valid.shape[1]
+    target = jnp.where(layout.token_summary >= 0, layout.token_summary, slots)
+    sums = jnp.zeros((b, slots, e), jnp.float32).at[jnp.arange(b)[:, None], target].add(
+        x.astype(jnp.float32), mode='drop')
+    return self.summary_kv(sums)
+
   def _uses_marked_globals(self) -> bool:
     return self.spec.accepts_global_mask and self.config.attention.global_tokens == 'marked'
 
-  def _attend(self, q, k, v, *, segment_ids, global_mask, bias_fn):
-    """The kernel over q, k, v: (out [b, l, heads, d], aux with the span penalty)."""
+  def _attend(self, x, positions, q, k, v, *, segment_ids, global_mask, bias_fn,
+              summary_bias_fn):
+    """The kernel over q, k, v of inputs x: (out [b, l, heads, d], aux with the span penalty)."""
     spec = self.spec
     settings = spec.settings(self.config.attention)
     aux, extra = {}, {}
@@ -101,10 +155,17 @@ class SelfAttention(_Projections):
         raise ValueError("model.attention.global_tokens = 'marked' needs the batch's "
                          "global_mask (the synthetic tasks give one); use 'prefix' for text.")
       extra['global_mask'] = global_mask.astype(bool)
+    functions = {}
+    if self.has_global_projections:
+      extra['global_qkv'] = self.project(x, positions, global_rows=True)
+    if spec.summary_layout is not None:
+      extra['summary_k'], extra['summary_v'] = self.summaries(x, segment_ids)
+      functions['summary_bias_fn'] = summary_bias_fn
 
     def kernel(q, k, v, segment_ids, extra):
       return spec.fn(q, k, v, causal=self.causal, segment_ids=segment_ids, bias_fn=bias_fn,
-                     implementation=self.config.attention.implementation, **settings, **extra)
+                     implementation=self.config.attention.implementation, **settings, **extra,
+                     **functions)
 
     if self.config.remat == 'attention':
       # Keep only q, k, v (and the output) for the backward pass: the score
@@ -112,15 +173,18 @@ class SelfAttention(_Projections):
       kernel = jax.checkpoint(kernel, policy=jax.checkpoint_policies.nothing_saveable)
     return kernel(q, k, v, segment_ids, extra), aux
 
-  def __call__(self, x, *, positions, segment_ids=None, global_mask=None, bias_fn=None):
+  def __call__(self, x, *, positions, segment_ids=None, global_mask=None, bias_fn=None,
+               summary_bias_fn=None):
     """x [b, l, emb] -> ([b, l, emb], aux) with aux holding the mean span if adaptive.
 
     global_mask [b, l]: the task's global tokens, for kinds that accept them
     with model.attention.global_tokens = 'marked' (ignored otherwise).
+    bias_fn: the token position bias; summary_bias_fn: the summaries' (TGlobal).
     """
     q, k, v = self.project(x, positions)
-    out, aux = self._attend(q, k, v, segment_ids=segment_ids, global_mask=global_mask,
-                            bias_fn=bias_fn)
+    out, aux = self._attend(x, positions, q, k, v, segment_ids=segment_ids,
+                            global_mask=global_mask, bias_fn=bias_fn,
+                            summary_bias_fn=summary_bias_fn)
     return self.output(out), aux
 
   # Decoding ---------------------------------------------------------------
@@ -136,14 +200,19 @@ class SelfAttention(_Projections):
           "model trained with model.attention.global_tokens = 'marked' would need every "
           "earlier key for each marked token. Evaluate it teacher-forced (--mode=eval) "
           "instead.")
-    return self.spec.cache_layout(self.spec.settings(self.config.attention), max_length)
+    layout = self.spec.cache_layout(self.spec.settings(self.config.attention), max_length)
+    if self.has_global_projections:
+      layout = layout._replace(global_slots=layout.pinned)
+    return layout
 
   def init_cache(self, batch: int, max_length: int) -> kv_cache.LayerCache:
     """An empty cache for positions 0..max_length-1."""
     return kv_cache.init(self.cache_layout(max_length), batch, self.config.num_kv_heads,
-                         self.config.head_dim, self.config.dtype)
+                         self.config.head_dim, self.config.dtype, emb_dim=self.config.emb_dim,
+                         heads=self.config.num_heads)
 
-  def prefill(self, x, *, positions, lengths, max_length: int, bias_fn=None):
+  def prefill(self, x, *, positions, lengths, max_length: int, bias_fn=None,
+              summary_bias_fn=None):
     """The forward over prompts (the blocked kernel, as __call__) and the cache it leaves.
 
     x [b, l, emb] right-padded prompts at positions [b, l], lengths [b] their
@@ -151,20 +220,42 @@ class SelfAttention(_Projections):
     """
     layout = self.cache_layout(max_length)
     q, k, v = self.project(x, positions)
-    out, _ = self._attend(q, k, v, segment_ids=None, global_mask=None, bias_fn=bias_fn)
-    return self.output(out), kv_cache.from_prompt(layout, k, v, lengths)
+    out, _ = self._attend(x, positions, q, k, v, segment_ids=None, global_mask=None,
+                          bias_fn=bias_fn, summary_bias_fn=summary_bias_fn)
+    summaries = global_kv = None
+    if self.spec.summary_layout is not None:
+      summaries = self.summaries(x, None) + (x,)
+    if self.has_global_projections:
+      global_kv = self.project(x, positions, global_rows=True)[1:]
+    return self.output(out), kv_cache.from_prompt(layout, k, v, lengths, summaries=summaries,
+                                                  global_kv=global_kv, queries=q)
 
-  def decode_step(self, x, *, positions, cache: kv_cache.LayerCache, bias_fn=None):
+  def decode_step(self, x, *, positions, cache: kv_cache.LayerCache, bias_fn=None,
+                  summary_bias_fn=None):
     """One token per row: x [b, 1, emb] at positions [b] -> ([b, 1, emb], new cache).
 
     Equals the row of __call__ at that position over the same tokens.
     """
     q, k, v = self.project(x, positions[:, None])
-    cache = kv_cache.append(cache, k[:, 0], v[:, 0], positions)
+    summarize = self.summary_kv if self.spec.summary_layout is not None else None
+    global_q = global_kv = None
+    if self.has_global_projections:
+      global_q, k_g, v_g = self.project(x, positions[:, None], global_rows=True)
+      global_kv = (k_g[:, 0], v_g[:, 0])
+    cache = kv_cache.append(cache, k[:, 0], v[:, 0], positions, x=x[:, 0], summarize=summarize,
+                            global_kv=global_kv, q=q[:, 0])
     extra = {'spans': self.spans()} if self.spec.learns_spans else {}
+    if self.spec.summary_layout is not None:
+      extra['summary_bias_fn'] = summary_bias_fn
     out = kv_cache.attend(cache, q[:, 0], positions, kind=self.spec,
                           settings=self.spec.settings(self.config.attention), bias_fn=bias_fn,
                           **extra)
+    if global_q is not None:  # a query that is a global token: its own projections
+      g = cache.global_kv
+      groups, is_global = self.spec.decode_global_keys(
+          self.spec.settings(self.config.attention), kernels.Slots(g.k, g.v, g.pos), positions)
+      out = jnp.where(is_global[:, None, None],
+                      cached.attend(global_q[:, 0], groups, bias_fn=bias_fn), out)
     return self.output(out[:, None]), cache
 
 

@@ -13,6 +13,9 @@ so a cache of `pinned + ring` slots holds the pinned positions and the last
 (transient-global summaries, hierarchical coarse keys) in rings of their own:
 exact, since a running float32 sum of the open group's keys and values
 becomes the group's mean when its last token arrives, as the kernels pool.
+A buffer of summaries formed from inputs (`CacheLayout.pool_from_inputs`,
+LongT5's TGlobal) sums the open block's layer inputs instead, and the layer's
+`summarize` turns the sum into the summary's key and value when it closes.
 
 This module knows no attention kind. How many slots of each sort a layer
 keeps (`CacheLayout`) and which of them a query at t sees (`decode_keys`)
@@ -24,7 +27,7 @@ prompts are right-padded and `lengths` says where each ends.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,36 +51,63 @@ class PooledBuffer(NamedTuple):
 
   k, v: [batch, kv_heads, slots, head_dim] group means; group: [batch, slots]
   int32 index c of the group held (tokens [c * size, (c + 1) * size)), -1 empty;
-  sum_k, sum_v: [batch, kv_heads, head_dim] float32 sums of the open group so far.
+  sum_k, sum_v: [batch, kv_heads, head_dim] float32 sums of the open group so far;
+  sum_x: [batch, emb] float32 sum of the open group's inputs instead, for
+  summaries formed from inputs (then sum_k and sum_v are None);
+  query: [batch, heads, head_dim] the query of the open group's first
+  position, for layouts with pool_queries (H-Transformer-1D's coarse query).
   """
   k: jax.Array
   v: jax.Array
   group: jax.Array
-  sum_k: jax.Array
-  sum_v: jax.Array
+  sum_k: Optional[jax.Array]
+  sum_v: Optional[jax.Array]
+  sum_x: Optional[jax.Array] = None
+  query: Optional[jax.Array] = None
 
 
 @struct.dataclass
 class LayerCache:
-  """The cache of one self-attention layer: a window buffer and pooled buffers."""
+  """The cache of one self-attention layer: a window buffer and pooled buffers
+  (and, for separate global projections, their keys/values of the pinned positions)."""
   window: KVBuffer
   pooled: tuple[PooledBuffer, ...]
   layout: CacheLayout = struct.field(pytree_node=False)
+  global_kv: Optional[KVBuffer] = None
 
 
 def _constrain(buffer):
   return sharding.constrain(buffer, ('batch', 'kv_heads', 'kv_length', 'kv'))
 
 
-def init(layout: CacheLayout, batch: int, kv_heads: int, head_dim: int, dtype) -> LayerCache:
-  """An empty cache."""
+def init(layout: CacheLayout, batch: int, kv_heads: int, head_dim: int, dtype, *,
+         emb_dim: Optional[int] = None, heads: Optional[int] = None) -> LayerCache:
+  """An empty cache (emb_dim: the layer's input width, for summaries from inputs;
+  heads: the query heads, for layouts with pool_queries)."""
   zeros = lambda slots: jnp.zeros((batch, kv_heads, slots, head_dim), dtype)
   window = KVBuffer(zeros(layout.slots), zeros(layout.slots),
                     jnp.full((batch, layout.slots), -1, jnp.int32))
-  sums = lambda: jnp.zeros((batch, kv_heads, head_dim), jnp.float32)
-  pooled = tuple(PooledBuffer(zeros(n), zeros(n), jnp.full((batch, n), -1, jnp.int32), sums(),
-                              sums()) for n in layout.pool_slots)
-  return LayerCache(window, pooled, layout)
+
+  def empty(n):
+    group = jnp.full((batch, n), -1, jnp.int32)
+    if layout.pool_from_inputs:
+      if emb_dim is None:
+        raise ValueError('A cache of summaries formed from inputs needs emb_dim.')
+      return PooledBuffer(zeros(n), zeros(n), group, None, None,
+                          jnp.zeros((batch, emb_dim), jnp.float32))
+    sums = lambda: jnp.zeros((batch, kv_heads, head_dim), jnp.float32)
+    return PooledBuffer(zeros(n), zeros(n), group, sums(), sums())
+
+  global_kv = None
+  if layout.global_slots:
+    n = layout.global_slots
+    global_kv = KVBuffer(zeros(n), zeros(n), jnp.full((batch, n), -1, jnp.int32))
+  pooled = tuple(empty(n) for n in layout.pool_slots)
+  if layout.pool_queries:
+    if heads is None:
+      raise ValueError('A cache that keeps queries of group starts needs heads.')
+    pooled = tuple(p._replace(query=jnp.zeros((batch, heads, head_dim), dtype)) for p in pooled)
+  return LayerCache(window, pooled, layout, global_kv)
 
 
 def _ring_fill(count, pinned: int, ring: int, slots: int):
@@ -105,20 +135,62 @@ def _gather_slots(x, index, held):
   return _constrain(jnp.swapaxes(taken, 1, 2))
 
 
-def from_prompt(layout: CacheLayout, k, v, lengths) -> LayerCache:
+def from_prompt(layout: CacheLayout, k, v, lengths, *, summaries=None,
+                global_kv=None, queries=None) -> LayerCache:
   """The cache after a prompt, from the keys and values the prefill computed.
 
   k, v: [batch, prompt_len, kv_heads, head_dim] (keys after RoPE); lengths:
   [batch] int, the real prompt length of each row (>= 1; later positions are
-  padding and are not cached).
+  padding and are not cached). summaries (layouts with pool_from_inputs):
+  (summary_k, summary_v [batch, prompt_len // size, kv_heads, head_dim] of
+  blocks 0, 1, ..., x [batch, prompt_len, emb] the layer's inputs).
+  global_kv (layouts with global_slots): (k, v) of the global projections.
+  queries (layouts with pool_queries): [batch, prompt_len, heads, head_dim].
   """
   lengths = jnp.asarray(lengths, jnp.int32)
   pos = _ring_fill(lengths, layout.pinned, layout.ring, layout.slots)
   held = pos >= 0
   window = KVBuffer(_gather_slots(k, pos, held), _gather_slots(v, pos, held), pos)
-  pooled = tuple(_pooled_from_prompt(size, slots, k, v, lengths)
-                 for size, slots in zip(layout.pool_sizes, layout.pool_slots))
-  return LayerCache(window, pooled, layout)
+  if layout.pool_from_inputs:
+    if summaries is None:
+      raise ValueError('This layout forms its summaries from inputs: pass summaries=.')
+    pooled = tuple(_summaries_from_prompt(size, slots, *summaries, lengths)
+                   for size, slots in zip(layout.pool_sizes, layout.pool_slots))
+  else:
+    pooled = tuple(_pooled_from_prompt(size, slots, k, v, lengths)
+                   for size, slots in zip(layout.pool_sizes, layout.pool_slots))
+  if layout.pool_queries:
+    pooled = _prompt_queries(pooled, layout.pool_sizes, queries, lengths)
+  pinned = None
+  if layout.global_slots:
+    if global_kv is None:
+      raise ValueError('This layout keeps global keys/values: pass global_kv=.')
+    pos = _ring_fill(lengths, layout.global_slots, 0, layout.global_slots)
+    held = pos >= 0
+    pinned = KVBuffer(_gather_slots(global_kv[0], pos, held),
+                      _gather_slots(global_kv[1], pos, held), pos)
+  return LayerCache(window, pooled, layout, pinned)
+
+
+def _open_sum(x, lengths, size):
+  """Float32 sum over each row's open group, tokens [lengths // size * size, lengths)."""
+  p = jnp.arange(x.shape[1])[None, :]
+  tokens = (p >= (lengths // size * size)[:, None]) & (p < lengths[:, None])
+  tokens = tokens.reshape(tokens.shape + (1,) * (x.ndim - 2))
+  return jnp.sum(jnp.where(tokens, x.astype(jnp.float32), 0.0), axis=1)
+
+
+def _summaries_from_prompt(size: int, slots: int, summary_k, summary_v, x,
+                           lengths) -> PooledBuffer:
+  b, _, hk, d = summary_k.shape
+  group = _ring_fill(lengths // size, 0, slots, slots)
+  held = group >= 0
+  if summary_k.shape[1] == 0:  # a prompt shorter than one block
+    empty = jnp.zeros((b, hk, slots, d), summary_k.dtype)
+    keys = values = empty
+  else:
+    keys, values = _gather_slots(summary_k, group, held), _gather_slots(summary_v, group, held)
+  return PooledBuffer(keys, values, group, None, None, _open_sum(x, lengths, size))
 
 
 def _pooled_from_prompt(size: int, slots: int, k, v, lengths) -> PooledBuffer:
@@ -130,18 +202,10 @@ def _pooled_from_prompt(size: int, slots: int, k, v, lengths) -> PooledBuffer:
     x32 = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
     return (x32.reshape(b, groups, size, hk, d).sum(axis=2) / size).astype(x.dtype)
 
-  complete = lengths // size
-  group = _ring_fill(complete, 0, slots, slots)
+  group = _ring_fill(lengths // size, 0, slots, slots)
   held = group >= 0
-  # The open group: tokens [complete * size, length).
-  p = jnp.arange(length)[None, :]
-  open_tokens = (p >= (complete * size)[:, None]) & (p < lengths[:, None])
-
-  def open_sum(x):
-    return jnp.sum(jnp.where(open_tokens[:, :, None, None], x.astype(jnp.float32), 0.0), axis=1)
-
   return PooledBuffer(_gather_slots(means(k), group, held), _gather_slots(means(v), group, held),
-                      group, open_sum(k), open_sum(v))
+                      group, _open_sum(k, lengths, size), _open_sum(v, lengths, size))
 
 
 def _rows_set(buffer, index, value):
@@ -161,11 +225,16 @@ def _get_slot(buffer, slot):
   return buffer[jnp.arange(buffer.shape[0]), :, slot]
 
 
-def append(cache: LayerCache, k, v, positions) -> LayerCache:
+def append(cache: LayerCache, k, v, positions, *, x=None,
+           summarize: Optional[Callable] = None, global_kv=None, q=None) -> LayerCache:
   """Adds the keys and values of one token per row at `positions`.
 
   k, v: [batch, kv_heads, head_dim]; positions: [batch] int32, each one past
-  the last position the row's cache holds.
+  the last position the row's cache holds. For summaries formed from inputs:
+  x [batch, emb] the token's layer input and summarize(sum [batch, emb]) ->
+  (k, v) [batch, kv_heads, head_dim] the layer's summary projection. For
+  layouts with global_slots: global_kv, the token's global-projection (k, v).
+  For layouts with pool_queries: q [batch, heads, head_dim] the token's query.
   """
   layout = cache.layout
   positions = jnp.asarray(positions, jnp.int32)
@@ -177,26 +246,83 @@ def append(cache: LayerCache, k, v, positions) -> LayerCache:
   w = cache.window
   window = KVBuffer(_set_slot(w.k, slot, k), _set_slot(w.v, slot, v),
                     _rows_set(w.pos, slot, positions))
-  pooled = tuple(_append_pooled(buffer, size, k, v, positions)
-                 for buffer, size in zip(cache.pooled, layout.pool_sizes))
-  return LayerCache(window, pooled, layout)
+  if layout.pool_from_inputs:
+    if x is None or summarize is None:
+      raise ValueError('This layout forms its summaries from inputs: pass x= and summarize=.')
+    pooled = tuple(_append_summary(buffer, size, x, positions, summarize)
+                   for buffer, size in zip(cache.pooled, layout.pool_sizes))
+  else:
+    pooled = tuple(_append_pooled(buffer, size, k, v, positions)
+                   for buffer, size in zip(cache.pooled, layout.pool_sizes))
+  if layout.pool_queries:
+    pooled = _append_queries(pooled, cache.pooled, layout.pool_sizes, q, positions)
+  pinned = cache.global_kv
+  if layout.global_slots:
+    if global_kv is None:
+      raise ValueError('This layout keeps global keys/values: pass global_kv=.')
+    # Only positions < global_slots are kept: later ones write out of range (dropped).
+    slot = jnp.where(positions < layout.global_slots, positions, layout.global_slots)
+    rows = jnp.arange(positions.shape[0])
+    pinned = KVBuffer(
+        _constrain(pinned.k.at[rows, :, slot].set(global_kv[0].astype(pinned.k.dtype),
+                                                  mode='drop')),
+        _constrain(pinned.v.at[rows, :, slot].set(global_kv[1].astype(pinned.v.dtype),
+                                                  mode='drop')),
+        pinned.pos.at[rows, slot].set(positions, mode='drop'))
+  return LayerCache(window, pooled, layout, pinned)
 
 
-def _append_pooled(buffer: PooledBuffer, size: int, k, v, positions) -> PooledBuffer:
-  sum_k = buffer.sum_k + k.astype(jnp.float32)
-  sum_v = buffer.sum_v + v.astype(jnp.float32)
+def _close_groups(buffer: PooledBuffer, size: int, positions, key, value):
+  """Writes key/value [b, kv_heads, d] as the group of rows whose token closes it.
+
+  Returns (k, v, group) of the buffer and keep(new, old), which picks `new` in
+  the rows that closed a group.
+  """
   closes = (positions + 1) % size == 0  # this token completes its group
   group = positions // size
   slot = group % buffer.group.shape[1]
   rows = jnp.arange(positions.shape[0])
   keep = lambda new, old: jnp.where(closes.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-  mean_k = (sum_k / size).astype(buffer.k.dtype)
-  mean_v = (sum_v / size).astype(buffer.v.dtype)
-  new_k = _set_slot(buffer.k, slot, keep(mean_k, _get_slot(buffer.k, slot)))
-  new_v = _set_slot(buffer.v, slot, keep(mean_v, _get_slot(buffer.v, slot)))
+  new_k = _set_slot(buffer.k, slot, keep(key.astype(buffer.k.dtype), _get_slot(buffer.k, slot)))
+  new_v = _set_slot(buffer.v, slot, keep(value.astype(buffer.v.dtype),
+                                         _get_slot(buffer.v, slot)))
   new_group = _rows_set(buffer.group, slot, keep(group, buffer.group[rows, slot]))
-  return PooledBuffer(new_k, new_v, new_group, keep(jnp.zeros_like(sum_k), sum_k),
+  return new_k, new_v, new_group, keep
+
+
+def _append_pooled(buffer: PooledBuffer, size: int, k, v, positions) -> PooledBuffer:
+  sum_k = buffer.sum_k + k.astype(jnp.float32)
+  sum_v = buffer.sum_v + v.astype(jnp.float32)
+  new_k, new_v, group, keep = _close_groups(buffer, size, positions, sum_k / size, sum_v / size)
+  return PooledBuffer(new_k, new_v, group, keep(jnp.zeros_like(sum_k), sum_k),
                       keep(jnp.zeros_like(sum_v), sum_v))
+
+
+def _append_summary(buffer: PooledBuffer, size: int, x, positions, summarize) -> PooledBuffer:
+  sum_x = buffer.sum_x + x.astype(jnp.float32)
+  key, value = summarize(sum_x)
+  new_k, new_v, group, keep = _close_groups(buffer, size, positions, key, value)
+  return PooledBuffer(new_k, new_v, group, None, None, keep(jnp.zeros_like(sum_x), sum_x))
+
+
+def _prompt_queries(pooled, sizes, queries, lengths):
+  """Each buffer's query of its open group's first position after the prompt."""
+  if queries is None:
+    raise ValueError('This layout keeps the queries of group starts: pass queries=.')
+  rows = jnp.arange(queries.shape[0])
+  # A group opening at `lengths` itself gets its query from the next append.
+  first = lambda size: jnp.minimum(lengths // size * size, queries.shape[1] - 1)
+  return tuple(p._replace(query=queries[rows, first(size)]) for p, size in zip(pooled, sizes))
+
+
+def _append_queries(pooled, old, sizes, q, positions):
+  """Rows whose token opens a group keep its query for the group (old: the
+  buffers before the token)."""
+  if q is None:
+    raise ValueError('This layout keeps the queries of group starts: pass q=.')
+  opens = lambda size: (positions % size == 0)[:, None, None]
+  return tuple(p._replace(query=jnp.where(opens(size), q.astype(o.query.dtype), o.query))
+               for p, o, size in zip(pooled, old, sizes))
 
 
 def attend(cache: LayerCache, q, positions, *, kind: KindSpec, settings, bias_fn=None,
@@ -211,7 +337,7 @@ def attend(cache: LayerCache, q, positions, *, kind: KindSpec, settings, bias_fn
   """
   positions = jnp.asarray(positions, jnp.int32)
   w = cache.window
-  pooled = tuple(Slots(p.k, p.v, p.group) for p in cache.pooled)
+  pooled = tuple(Slots(p.k, p.v, p.group, p.query) for p in cache.pooled)
   groups = kind.decode_keys(settings, Slots(w.k, w.v, w.pos), pooled, positions, **extra)
   return cached.attend(q, groups, bias_fn=bias_fn)
 

@@ -27,6 +27,9 @@ REMAT_POLICIES = ('none', 'attention', 'dots', 'attention_out', 'full')
 MLP_ACTIVATIONS = ('swiglu', 'geglu', 'gelu', 'relu')
 ARCHS = ('lm', 'encoder_decoder')
 GLOBAL_TOKENS = ('prefix', 'marked')
+# The "split, attend, concatenate" kind: with learned positions, a stack whose
+# every layer is chunked embeds positions modulo chunk_size (transformer.py).
+CHUNKED = 'chunked'
 
 # Old spellings, accepted for one release with a warning: field -> its
 # "unset" value in the config. model.kind became model.arch (`kind` is the
@@ -42,14 +45,15 @@ _BLOCK_SIZE_FIELDS = ('summary_block', 'level0_block', 'chunk_size')
 class AttentionConfig:
   kind: str = attention.DEFAULT_KIND  # One of longjax.attention.KINDS ('full' by default).
   radius: int = 128  # Window: query i sees keys j with |i - j| <= radius (local kinds).
-  num_global: int = 16  # global_local: global tokens (a row's first, or its marked ones).
-  global_tokens: str = 'prefix'  # 'prefix' (positions 0..num_global-1) or 'marked' (the batch's).
+  num_global: int = 16  # global_local: global tokens per document (its first, or its marked ones).
+  global_tokens: str = 'prefix'  # 'prefix' (each document's first num_global) or 'marked' (the batch's).
+  global_projections: bool = True  # global_local: separate Q_g, K_g, V_g for global rows (Longformer).
   summary_block: int = 64  # transient_global: tokens per summary block.
   level0_block: int = 64  # hierarchical: level-0 block b (even); level l pools 2^l tokens.
   chunk_size: int = 64  # chunked: tokens per independent chunk.
   max_span: int = 256  # adaptive_span: longest span a head may learn.
   span_ramp: float = 32.0  # adaptive_span: width R of the soft mask ramp.
-  span_init: float = 0.5  # adaptive_span: initial span as a fraction of max_span.
+  span_init: float = 0.0  # adaptive_span: initial span as a fraction of max_span (paper: 0).
   span_loss_coef: float = 2e-6  # adaptive_span: weight of the mean-span penalty in the loss.
   implementation: str = 'auto'  # 'auto', 'xla' or 'cudnn' (GPU; kinds that list it).
   layer_pattern: tuple[str, ...] = ()  # Per-layer kinds repeated over depth, e.g. local,local,full.
@@ -175,12 +179,20 @@ class ModelConfig:
              f'{", ".join(attention.KINDS)}.')
     if a.global_tokens not in GLOBAL_TOKENS:
       fail('attention.global_tokens', f"must be 'prefix' or 'marked'; got {a.global_tokens!r}.")
+    if not isinstance(a.global_projections, bool):
+      fail('attention.global_projections', f'must be True or False; got {a.global_projections!r}.')
     specs = [attention.spec(kind) for kind in sorted(kinds)]
     for spec in specs:
       for param, problem in spec.problems(spec.settings(a)).items():
         fail(f'attention.{param}', f'{problem} ({spec.name} attention)')
     if any(spec.learns_spans for spec in specs) and not 0.0 <= a.span_init <= 1.0:
       fail('attention.span_init', f'is a fraction of max_span in [0, 1]; got {a.span_init}.')
+    layer_kinds = set(self.layer_kinds())
+    if self.positions == 'learned' and CHUNKED in layer_kinds and len(layer_kinds) > 1:
+      fail('positions', f"'learned' adds one position table at the input, so chunked "
+           f'layers cannot restart positions in each chunk when model.attention.layer_pattern '
+           f'mixes them with other kinds ({", ".join(sorted(layer_kinds))}); use '
+           f"model.positions = 'rope' or 't5_bias', or make every layer chunked.")
     if a.implementation not in ('auto', 'xla', 'cudnn'):
       fail('attention.implementation', f"must be 'auto', 'xla' or 'cudnn'; got "
            f'{a.implementation!r}.')

@@ -7,7 +7,13 @@ memory at long lengths to one layer's worth plus the residual stream.
 
 Both models return (logits in fp32, aux) where aux holds, for adaptive-span
 layers, `span_penalty` (sum over layers of the mean span in tokens, to be
-weighted by `model.attention.span_loss_coef`) and `mean_span`.
+weighted by `model.attention.span_loss_coef`), `mean_span` and `head_spans`
+({layer index: span of each head in tokens}).
+
+With `model.positions = 'learned'`, a stack whose every layer is `chunked`
+embeds each token's position modulo `chunk_size`, so that every chunk sees
+positions 0.. as if the model ran on it alone ("split, attend, concatenate";
+`Stack.embedding_positions`).
 
 Decoding with key/value caches (`longjax.decode` drives these):
 `TransformerLM.prefill` / `decode_step`, and `EncoderDecoder.init_decoding` /
@@ -21,10 +27,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from longjax import attention as kernels
 from longjax import sharding
 from longjax.models import layers
 from longjax.models.attention import CrossAttention, SelfAttention
-from longjax.models.config import ModelConfig
+from longjax.models.config import CHUNKED, ModelConfig
 
 # Block-level policies; 'attention' instead rematerialises only inside the
 # attention kernel (SelfAttention), and 'none' nothing.
@@ -64,12 +71,16 @@ def _call_block(config: ModelConfig, block, *args, **kwargs):
   return fn(block, *args)
 
 
-def _collect_aux(auxes) -> dict:
+def _collect_aux(auxes, head_spans=None) -> dict:
+  """The model's aux from its layers'; head_spans: the stack's `head_spans()`."""
   spans = [a['span'] for a in auxes if 'span' in a]
   if not spans:
     return {}
   spans = jnp.stack(spans)
-  return dict(span_penalty=jnp.sum(spans), mean_span=jnp.mean(spans))
+  aux = dict(span_penalty=jnp.sum(spans), mean_span=jnp.mean(spans))
+  if head_spans:
+    aux['head_spans'] = head_spans
+  return aux
 
 
 def check_length(config: ModelConfig, length: int, what: str = 'sequence'):
@@ -94,10 +105,12 @@ class Block(nnx.Module):
                           dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
 
   def __call__(self, x, positions, segment_ids, dropout_key, memory=None,
-               memory_segment_ids=None, global_mask=None, *, bias_fn=None):
+               memory_segment_ids=None, global_mask=None, *, bias_fn=None,
+               summary_bias_fn=None):
     rate = self.config.dropout_rate
     y, aux = self.attention(self.attention_norm(x), positions=positions,
-                            segment_ids=segment_ids, global_mask=global_mask, bias_fn=bias_fn)
+                            segment_ids=segment_ids, global_mask=global_mask, bias_fn=bias_fn,
+                            summary_bias_fn=summary_bias_fn)
     x = x + layers.dropout(y, rate, _layer_key(dropout_key, 0))
     if memory is not None:
       y = self.cross_attention(self.cross_norm(x), self.cross_attention.project_memory(memory),
@@ -108,23 +121,26 @@ class Block(nnx.Module):
     return sharding.constrain(x, ('batch', 'length', 'embed')), aux
 
   # Decoding (no dropout, no remat) ------------------------------------------
-  def prefill(self, x, positions, lengths, max_length: int, *, bias_fn=None):
+  def prefill(self, x, positions, lengths, max_length: int, *, bias_fn=None,
+              summary_bias_fn=None):
     """__call__ over right-padded prompts (no cross-attention) -> (x, LayerCache)."""
     y, cache = self.attention.prefill(self.attention_norm(x), positions=positions,
-                                      lengths=lengths, max_length=max_length, bias_fn=bias_fn)
+                                      lengths=lengths, max_length=max_length, bias_fn=bias_fn,
+                                      summary_bias_fn=summary_bias_fn)
     x = x + y
     x = x + self.mlp(self.mlp_norm(x))
     return sharding.constrain(x, ('batch', 'length', 'embed')), cache
 
   def decode_step(self, x, positions, cache, memory=None, memory_segment_ids=None, *,
-                  bias_fn=None):
+                  bias_fn=None, summary_bias_fn=None):
     """One token per row, x [b, 1, emb] at positions [b] -> (x, cache).
 
     memory: this block's `cross_attention.project_memory(encoded)`, computed
     once per source; memory_segment_ids [b, source_len] (0 = padding).
     """
     y, cache = self.attention.decode_step(self.attention_norm(x), positions=positions,
-                                          cache=cache, bias_fn=bias_fn)
+                                          cache=cache, bias_fn=bias_fn,
+                                          summary_bias_fn=summary_bias_fn)
     x = x + y
     if memory is not None:
       query_segments = jnp.ones(x.shape[:2], jnp.int32)
@@ -152,22 +168,51 @@ class Stack(nnx.Module):
           config.num_heads, num_buckets=config.t5_num_buckets,
           max_distance=config.t5_max_distance, bidirectional=not causal,
           param_dtype=config.param_dtype, rngs=rngs)
+    if any(kernels.spec(kind).summary_layout is not None for kind in kinds):
+      # LongT5's global_relative_attention_bias: the summaries' own T5 table on
+      # block distance, shared by the stack's layers like the token table (and
+      # used whatever model.positions is: it is part of TGlobal).
+      self.summary_bias = layers.RelativePositionBias(
+          config.num_heads, num_buckets=config.t5_num_buckets,
+          max_distance=config.t5_max_distance, bidirectional=not causal,
+          param_dtype=config.param_dtype, rngs=rngs)
     self.final_norm = _norm(config, rngs)
+
+  def _biases(self) -> dict:
+    """The position-bias closures the blocks take (bias_fn, summary_bias_fn)."""
+    return dict(bias_fn=self.relative_bias() if self.config.positions == 't5_bias' else None,
+                summary_bias_fn=self.summary_bias() if hasattr(self, 'summary_bias') else None)
 
   def __call__(self, x, positions, segment_ids, dropout_key, memory=None,
                memory_segment_ids=None, global_mask=None):
-    bias_fn = self.relative_bias() if self.config.positions == 't5_bias' else None
+    biases = self._biases()
     auxes = []
     for i, block in enumerate(self.blocks):
       x, aux = _call_block(self.config, block, x, positions, segment_ids,
                            _layer_key(dropout_key, i), memory, memory_segment_ids,
-                           global_mask, bias_fn=bias_fn)
+                           global_mask, **biases)
       auxes.append(aux)
     return self.final_norm(x), auxes
 
+  def head_spans(self) -> dict:
+    """{layer index: span of each head in tokens [heads]} of the adaptive-span layers."""
+    return {i: block.attention.spans() for i, block in enumerate(self.blocks)
+            if block.attention.spec.learns_spans}
+
+  def embedding_positions(self, positions):
+    """The positions a learned position table reads for this stack's tokens.
+
+    When every layer is chunked, positions restart in every chunk (positions
+    modulo chunk_size), so the stack computes exactly what running it on each
+    chunk alone and concatenating gives. (Mixed chunked and other layers
+    under learned positions are refused by ModelConfig.)
+    """
+    kinds = {block.attention.kind for block in self.blocks}
+    if self.config.positions == 'learned' and kinds == {CHUNKED}:
+      return positions % self.config.attention.chunk_size
+    return positions
+
   # Decoding ---------------------------------------------------------------
-  def _bias_fn(self):
-    return self.relative_bias() if self.config.positions == 't5_bias' else None
 
   def init_caches(self, batch: int, max_length: int) -> list:
     """Empty caches of every block for positions 0..max_length-1."""
@@ -175,21 +220,21 @@ class Stack(nnx.Module):
 
   def prefill(self, x, positions, lengths, max_length: int):
     """Like __call__ over right-padded prompts; -> (normed x, caches)."""
-    bias_fn = self._bias_fn()
+    biases = self._biases()
     caches = []
     for block in self.blocks:
-      x, cache = block.prefill(x, positions, lengths, max_length, bias_fn=bias_fn)
+      x, cache = block.prefill(x, positions, lengths, max_length, **biases)
       caches.append(cache)
     return self.final_norm(x), caches
 
   def decode_step(self, x, positions, caches, memories=None, memory_segment_ids=None):
     """One token per row through every block; memories: one per block or None."""
-    bias_fn = self._bias_fn()
+    biases = self._biases()
     new_caches = []
     for i, block in enumerate(self.blocks):
       memory = None if memories is None else memories[i]
       x, cache = block.decode_step(x, positions, caches[i], memory, memory_segment_ids,
-                                   bias_fn=bias_fn)
+                                   **biases)
       new_caches.append(cache)
     return self.final_norm(x), new_caches
 
@@ -251,9 +296,10 @@ class TransformerLM(nnx.Module):
     check_length(self.config, inputs.shape[1])
     if positions is None:
       positions = _default_positions(inputs)
-    x = self.embedder.embed(inputs, positions, _layer_key(dropout_key, EMBEDDING_STREAM))
+    x = self.embedder.embed(inputs, self.decoder.embedding_positions(positions),
+                            _layer_key(dropout_key, EMBEDDING_STREAM))
     x, auxes = self.decoder(x, positions, segment_ids, dropout_key, global_mask=global_mask)
-    return self.embedder.logits(x), _collect_aux(auxes)
+    return self.embedder.logits(x), _collect_aux(auxes, self.decoder.head_spans())
 
   # Decoding ---------------------------------------------------------------
   def prefill(self, inputs, lengths, *, max_length: int):
@@ -265,7 +311,7 @@ class TransformerLM(nnx.Module):
     """
     check_length(self.config, max_length, 'decoding')
     positions = _default_positions(inputs)
-    x = self.embedder.embed(inputs, positions, None)
+    x = self.embedder.embed(inputs, self.decoder.embedding_positions(positions), None)
     x, caches = self.decoder.prefill(x, positions, lengths, max_length)
     last = jnp.take_along_axis(x, (jnp.asarray(lengths) - 1)[:, None, None], axis=1)
     return self.embedder.logits(last)[:, 0], caches
@@ -276,7 +322,8 @@ class TransformerLM(nnx.Module):
 
   def decode_step(self, tokens, positions, caches):
     """tokens [b] at positions [b] -> (logits [b, vocab] fp32 of the next token, caches)."""
-    x = self.embedder.embed(tokens[:, None], positions[:, None], None)
+    x = self.embedder.embed(tokens[:, None],
+                            self.decoder.embedding_positions(positions[:, None]), None)
     x, caches = self.decoder.decode_step(x, positions, caches)
     return self.embedder.logits(x)[:, 0], caches
 
@@ -299,7 +346,8 @@ class EncoderDecoder(nnx.Module):
     check_length(self.config, inputs.shape[1], 'source')
     if positions is None:
       positions = _default_positions(inputs)
-    x = self.embedder.embed(inputs, positions, _layer_key(dropout_key, EMBEDDING_STREAM))
+    x = self.embedder.embed(inputs, self.encoder.embedding_positions(positions),
+                            _layer_key(dropout_key, EMBEDDING_STREAM))
     return self.encoder(x, positions, segment_ids, _layer_key(dropout_key, ENCODER_STREAM))
 
   def decode(self, encoded, decoder_inputs, *, encoder_segment_ids, decoder_segment_ids,
@@ -308,7 +356,7 @@ class EncoderDecoder(nnx.Module):
     check_length(self.config, decoder_inputs.shape[1], 'target')
     if decoder_positions is None:
       decoder_positions = _default_positions(decoder_inputs)
-    y = self.embedder.embed(decoder_inputs, decoder_positions,
+    y = self.embedder.embed(decoder_inputs, self.decoder.embedding_positions(decoder_positions),
                             _layer_key(dropout_key, DECODER_EMBEDDING_STREAM))
     y, _ = self.decoder(y, decoder_positions, decoder_segment_ids,
                         _layer_key(dropout_key, DECODER_STREAM), memory=encoded,
@@ -332,7 +380,7 @@ class EncoderDecoder(nnx.Module):
     logits = self.decode(encoded, decoder_inputs, encoder_segment_ids=inputs_segment_ids,
                          decoder_segment_ids=decoder_segment_ids,
                          decoder_positions=decoder_positions, dropout_key=dropout_key)
-    return logits, _collect_aux(auxes)
+    return logits, _collect_aux(auxes, self.encoder.head_spans())
 
   # Decoding ---------------------------------------------------------------
   def init_decoding(self, inputs, *, inputs_segment_ids=None, max_length: int):
@@ -352,7 +400,8 @@ class EncoderDecoder(nnx.Module):
 
   def decode_step(self, tokens, positions, caches, memories, memory_segment_ids):
     """Decoder tokens [b] at positions [b] -> (logits [b, vocab] fp32, caches)."""
-    y = self.embedder.embed(tokens[:, None], positions[:, None], None)
+    y = self.embedder.embed(tokens[:, None],
+                            self.decoder.embedding_positions(positions[:, None]), None)
     y, caches = self.decoder.decode_step(y, positions, caches, memories,
                                          jnp.asarray(memory_segment_ids, jnp.int32))
     return self.embedder.logits(y)[:, 0], caches

@@ -6,8 +6,10 @@ Every train and eval summary goes to (process 0 only):
        "perplexity": 6.9, "learning_rate": 0.0028, "tokens_per_sec": 51234.0, ...}
     `loss` is the mean cross-entropy in nats per target token (without label
     smoothing, z-loss or the span penalty), `bits_per_byte` is there for text
-    data, `mean_span` for adaptive-span models, `exact_match` (every answer
-    token right) for the synthetic tasks' eval.
+    data, `mean_span` for adaptive-span models (the mean learned span in
+    tokens) with `span/layer_<i>` (layer i's mean over heads) and, in eval
+    records, `span/layer_<i>/head_<h>`, `exact_match` (every answer token
+    right) for the synthetic tasks' eval.
   - TensorBoard event files in `<workdir>` (tags `train/loss`, `eval/loss`, ...).
 
 Both are clu `MetricWriter`s behind one `MultiWriter`. clu 0.0.12 imports its
@@ -120,7 +122,10 @@ class TensorBoardWriter(_ScalarWriter):
 
 
 class JsonlWriter(_ScalarWriter):
-  """Scalars named '<split>/<metric>' as one JSON object per (step, split) and line."""
+  """Scalars named '<split>/<metric>' as one JSON object per (step, split) and line.
+
+  The split is the name's first part: a metric may hold '/' ('span/layer_0').
+  """
 
   def __init__(self, path: str):
     self.path = path
@@ -129,8 +134,10 @@ class JsonlWriter(_ScalarWriter):
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     records: dict[str, dict[str, Any]] = {}
     for key, value in scalars.items():
-      split, _, metric = key.rpartition('/')
-      records.setdefault(split or 'train', {})[metric] = _json_number(value)
+      split, _, metric = key.partition('/')
+      if not metric:  # a bare name: a train metric
+        split, metric = 'train', split
+      records.setdefault(split, {})[metric] = _json_number(value)
     for split, values in records.items():
       self._file.write(json.dumps({'step': int(step), 'split': split, **values}) + '\n')
     self._file.flush()
@@ -256,6 +263,27 @@ SUMMED_TRAIN_METRICS = ('nll_sum', 'weight_sum', 'correct_sum', 'byte_sum')
 # Metrics that are properties of the weights, not of the tokens: kept, not
 # summed, when the sums of several batches (or micro-batches) are added.
 KEPT_METRICS = ('mean_span',)
+# Adaptive span's learned spans in tokens, also kept: `span/layer_<i>` (the
+# mean over the layer's heads; train and eval records) and
+# `span/layer_<i>/head_<h>` (eval records).
+SPAN_PREFIX = 'span/'
+HEAD_MARK = '/head_'
+
+
+def span_metrics(head_spans: Mapping[int, Any]) -> dict:
+  """{layer index: spans [heads]} -> {'span/layer_<i>': mean, 'span/layer_<i>/head_<h>': span}."""
+  out = {}
+  for layer, spans in sorted(head_spans.items()):
+    spans = spans.astype('float32')
+    out[f'{SPAN_PREFIX}layer_{layer}'] = spans.mean()
+    for head in range(spans.shape[0]):
+      out[f'{SPAN_PREFIX}layer_{layer}{HEAD_MARK}{head}'] = spans[head]
+  return out
+
+
+def is_kept(key: str) -> bool:
+  """Whether a metric is a property of the weights (kept, not summed)."""
+  return key in KEPT_METRICS or key.startswith(SPAN_PREFIX)
 
 
 def summarize(sums: Mapping[str, Any], *, with_bits_per_byte: bool) -> dict[str, float]:
@@ -279,7 +307,18 @@ def summarize(sums: Mapping[str, Any], *, with_bits_per_byte: bool) -> dict[str,
     out['exact_match'] = float(sums['exact_sum']) / max(float(sums['row_sum']), 1e-9)
   if 'mean_span' in sums:
     out['mean_span'] = float(sums['mean_span'])
+  out.update({key: float(value) for key, value in _span_items(sums)})
   return out
+
+
+def _layer_index(key: str) -> tuple:
+  """'span/layer_10/head_2' -> (10, 2): numeric order, not string order."""
+  return tuple(int(part.rsplit('_', 1)[1]) for part in key[len(SPAN_PREFIX):].split('/'))
+
+
+def _span_items(sums: Mapping[str, Any]) -> list:
+  return sorted(((k, v) for k, v in sums.items() if k.startswith(SPAN_PREFIX)),
+                key=lambda item: _layer_index(item[0]))
 
 
 def add_sums(total: Optional[Mapping[str, Any]], sums: Mapping[str, Any]) -> dict:
@@ -289,7 +328,7 @@ def add_sums(total: Optional[Mapping[str, Any]], sums: Mapping[str, Any]) -> dic
   """
   if total is None:
     return dict(sums)
-  return {key: value if key in KEPT_METRICS else total[key] + value
+  return {key: value if is_kept(key) else total[key] + value
           for key, value in sums.items()}
 
 
@@ -299,8 +338,10 @@ def train_summary(step_metrics: Sequence[Mapping[str, Any]], *,
   total = None
   for metrics in step_metrics:
     # Added in float64 on the host: hundreds of steps of float32 sums.
-    total = add_sums(total, {key: np.asarray(metrics[key], np.float64)
-                             for key in SUMMED_TRAIN_METRICS + KEPT_METRICS if key in metrics})
+    # Spans: each layer's mean (the per-head spans are in the eval records).
+    total = add_sums(total, {key: np.asarray(value, np.float64) for key, value in metrics.items()
+                             if key in SUMMED_TRAIN_METRICS + KEPT_METRICS
+                             or (key.startswith(SPAN_PREFIX) and HEAD_MARK not in key)})
   out = summarize(total, with_bits_per_byte=with_bits_per_byte)
   out['learning_rate'] = float(step_metrics[-1]['learning_rate'])
   out['grad_norm'] = float(np.mean([float(m['grad_norm']) for m in step_metrics]))

@@ -2,11 +2,18 @@
 
     optimizer_config = OptimizerConfig.from_config(config)   # validate_config does this
     schedule = learning_rate_schedule(optimizer_config)
-    tx = make_optimizer(optimizer_config, schedule, weight_decay_mask(abstract_params))
+    tx = make_optimizer(optimizer_config, schedule, weight_decay_mask(abstract_params),
+                        span_mask(abstract_params))
+
+Adaptive span's parameters (`span_fraction`, a fraction of max_span per head)
+are kept in [0, 1] after every update (`clamp_spans`), as the reference
+implementation clamps them after each `optimizer.step()`; they are never
+decayed (the reference has no weight decay).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -93,11 +100,59 @@ def weight_decay_mask(abstract_params: nnx.State) -> dict:
   return nnx.to_pure_dict(mask)
 
 
-def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule,
-                   decay_mask) -> optax.GradientTransformation:
-  """Global-norm clipping (`grad_clip`, 0 = off), then AdamW."""
-  adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=1e-8,
-                      weight_decay=config.weight_decay, mask=decay_mask)
+# The leaf name of adaptive span's parameters (longjax/models/attention.py).
+SPAN_PARAM = 'span_fraction'
+
+
+def span_mask(abstract_params) -> Optional[dict]:
+  """True for adaptive span's `span_fraction` leaves; None when the model has none."""
+  params = (nnx.to_pure_dict(abstract_params) if isinstance(abstract_params, nnx.State)
+            else abstract_params)
+
+  def is_span(path, _):
+    last = path[-1] if path else None
+    return getattr(last, 'key', getattr(last, 'name', None)) == SPAN_PARAM
+
+  mask = jax.tree_util.tree_map_with_path(is_span, params)
+  return mask if any(jax.tree.leaves(mask)) else None
+
+
+def clamp_spans(inner: optax.GradientTransformation, mask, low: float = 0.0,
+                high: float = 1.0) -> optax.GradientTransformationExtraArgs:
+  """`inner`, then the update of every leaf of `mask` moved so that param + update
+  lands in [low, high] (facebookresearch/adaptive-span's `clamp_param()` after
+  `optimizer.step()`); other leaves' updates are untouched.
+
+  The state is `inner`'s own, so the optimizer state (and every checkpoint)
+  has the same layout with or without the clamp. An update that stays inside
+  [low, high] is passed on bit for bit; one that would overshoot becomes
+  clip(param + update) - param, and param + that is exactly the bound.
+  """
+  def update(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError('clamp_spans needs the parameters: call tx.update(grads, state, params).')
+    updates, state = inner.update(updates, state, params, **extra_args)
+
+    def clamp(is_span, u, p):
+      if not is_span:
+        return u
+      target = p + u
+      inside = (target >= low) & (target <= high)
+      return jnp.where(inside, u, jnp.clip(target, low, high) - p).astype(u.dtype)
+
+    return jax.tree.map(clamp, mask, updates, params), state
+
+  return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule, decay_mask,
+                   spans=None) -> optax.GradientTransformation:
+  """Global-norm clipping (`grad_clip`, 0 = off), then AdamW; then, given a
+  `span_mask` (adaptive span), the span parameters kept in [0, 1]."""
+  tx = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=1e-8,
+                   weight_decay=config.weight_decay, mask=decay_mask)
   if config.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
-  return adamw
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+  if spans is not None:
+    tx = clamp_spans(tx, spans)
+  return tx

@@ -115,7 +115,8 @@ def build_run(config, workdir, *, process_count: Optional[int] = None) -> Run:
   graphdef, abstract_params = state_lib.abstract_model(model_config)
   schedule = optimizer.learning_rate_schedule(run_config.optimizer)
   tx = optimizer.make_optimizer(run_config.optimizer, schedule,
-                                optimizer.weight_decay_mask(abstract_params))
+                                optimizer.weight_decay_mask(abstract_params),
+                                optimizer.span_mask(abstract_params))
   shardings = state_lib.state_shardings(tx, abstract_params, mesh, run_config.axis_rules)
   abstract_state = state_lib.abstract_train_state(model_config, tx, shardings)
   return Run(config=run_config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,

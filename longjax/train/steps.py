@@ -97,8 +97,9 @@ def token_losses(logits, targets, settings: StepSettings):
 def batch_sums(logits, nll, batch, settings: StepSettings, aux=None) -> dict[str, jax.Array]:
   """Weighted sums over the batch: nats, target tokens, correct tokens, UTF-8 bytes.
 
-  With the model's `aux`, also its `mean_span` (adaptive span), which
-  `metrics.add_sums` keeps rather than adds.
+  With the model's `aux`, also its `mean_span` (adaptive span) and the spans
+  of each layer and head (`metrics.span_metrics`), which `metrics.add_sums`
+  keeps rather than adds.
   """
   targets = batch['targets']
   weights = batch['weights'].astype(jnp.float32)
@@ -119,6 +120,8 @@ def batch_sums(logits, nll, batch, settings: StepSettings, aux=None) -> dict[str
     sums['row_sum'] = jnp.sum(has_answer.astype(jnp.float32))
   if aux is not None and 'mean_span' in aux:
     sums['mean_span'] = aux['mean_span'].astype(jnp.float32)
+  if aux is not None and 'head_spans' in aux:
+    sums.update(metrics.span_metrics(aux['head_spans']))
   return sums
 
 

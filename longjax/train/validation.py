@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
+from longjax import attention
 from longjax import data
 from longjax import decode
 from longjax import models
@@ -145,6 +146,14 @@ def _model_and_data_disagree(model_config: models.ModelConfig,
     errors.append(f'config.dataset.target_key = {dataset.target_key!r} makes '
                   f"{dataset.name!r} seq2seq, but config.model.arch = 'lm'; set "
                   "config.model.arch = 'encoder_decoder' or clear target_key.")
+  row_aligned = sorted(kind for kind in model_config.attention_kinds()
+                       if not attention.spec(kind).segment_aligned)
+  if (row_aligned and model_config.arch == 'lm' and not data_config.synthetic
+      and dataset.pack):
+    errors.append(
+        f"{', '.join(row_aligned)} attention aligns its groups to the row, not to each "
+        f"document, so packing would change a document's result with its offset: set "
+        f"config.dataset.pack = False (or use a kind aligned to documents, e.g. hierarchical).")
   # Marked global tokens come from the data: only the synthetic tasks mark any
   # (their question). Text batches carry an all-zero global_mask, which would
   # silently turn global_local into local attention.

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from longjax import attention
+from tests.attention import cases
 from tests.attention import reference as ref
 from tests.attention.cases import (CASES, HEADS, adaptive_reference, make_inputs,
-                                   make_segments)
+                                   make_segments, summaries)
 
 
 def _loss(fn, cotangent):
@@ -34,6 +35,23 @@ def test_matches_dense_reference_fp32(case, length, causal, segments):
       _loss(lambda q, k, v: reference(q, k, v, causal, seg), cotangent),
       argnums=(0, 1, 2)))(q, k, v)
   for name, g, w in zip('qkv', got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5, err_msg=f'd/d{name}')
+
+
+@pytest.mark.parametrize('causal', [False, True], ids=['bidir', 'causal'])
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_multi_query_matches_dense_reference(case, causal):
+  """One key/value head shared by every query head (MQA), with segments."""
+  kernel, reference = CASES[case].kernel, CASES[case].reference
+  q, k, v = make_inputs(31, 37, kv_heads=1)
+  seg = make_segments(31, 37)
+  fn = lambda q, k, v: kernel(q, k, v, causal, seg)
+  ref_fn = lambda q, k, v: reference(q, k, v, causal, seg)
+  np.testing.assert_allclose(jax.jit(fn)(q, k, v), ref_fn(q, k, v), atol=2e-5, rtol=2e-5)
+  cotangent = jax.random.normal(jax.random.key(5), q.shape)
+  got = jax.jit(jax.grad(_loss(fn, cotangent), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(_loss(ref_fn, cotangent), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip('qkv', got, want):
     np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5, err_msg=f'd/d{name}')
 
 
@@ -136,6 +154,27 @@ def test_position_bias_matches_reference():
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize('causal', [False, True], ids=['bidir', 'causal'])
+def test_transient_global_biases_match_reference(causal):
+  """The token bias on query_pos - key_pos, the summaries' own on block distance."""
+  length, block = 67, 5
+  q, k, v = make_inputs(5, length)
+  seg = make_segments(5, length)
+  table = jax.random.normal(jax.random.key(0), (2 * length + 1, HEADS))
+  side = jax.random.normal(jax.random.key(1), (2 * length + 1, HEADS))
+  rel = np.arange(length)[:, None] - np.arange(length)[None, :]
+  dense_bias = jnp.moveaxis(table[rel + length], -1, 0)[None]
+  extra = summaries(k, block)
+  want = ref.transient_global(q, k, v, **extra, radius=4, block_size=block, causal=causal,
+                              segment_ids=seg, bias=dense_bias,
+                              summary_bias=lambda d: np.asarray(side[d + length]))
+  got = attention.transient_global(q, k, v, **extra, radius=4, summary_block=block,
+                                   causal=causal, segment_ids=seg,
+                                   bias_fn=lambda r: table[r + length],
+                                   summary_bias_fn=lambda d: side[d + length])
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_cross_attention_and_fully_masked_rows():
   q, _, _ = make_inputs(6, 11)
   _, k, v = make_inputs(8, 29)
@@ -177,6 +216,32 @@ def test_implementation_switch_on_cpu():
     attention.dot_product(q, k, v, implementation='flash')
   # Kinds whose registry entry lists only 'xla' refuse 'cudnn' on any backend.
   with pytest.raises(ValueError, match="does not compute this kind"):
-    attention.transient_global(q, k, v, radius=4, summary_block=4, implementation='cudnn')
+    attention.transient_global(q, k, v, **summaries(k, 4), radius=4, summary_block=4,
+                               implementation='cudnn')
   assert attention.spec('transient_global').implementations == ('xla',)
   assert 'cudnn' in attention.spec('local').implementations
+
+
+@pytest.mark.parametrize('marked', [False, True], ids=['prefix', 'marked'])
+@pytest.mark.parametrize('causal', [False, True], ids=['bidir', 'causal'])
+def test_global_local_separate_projections_match_reference(causal, marked):
+  """Longformer's Q_g, K_g, V_g: global rows from their own projections, outputs
+  and gradients of all six inputs."""
+  length = 67
+  q, k, v = make_inputs(21, length)
+  global_qkv = make_inputs(22, length)
+  seg = make_segments(21, length)
+  mask = jnp.asarray(cases.marked_globals(length)) if marked else None
+  reference = cases.CASES['global_local_mask' if marked else 'global_local'].reference
+  fn = lambda q, k, v, qg, kg, vg: attention.global_local(
+      q, k, v, radius=4, num_global=3, causal=causal, segment_ids=seg, global_mask=mask,
+      global_qkv=(qg, kg, vg))
+  ref_fn = lambda q, k, v, qg, kg, vg: reference(q, k, v, causal, seg, (qg, kg, vg))
+  args = (q, k, v) + tuple(global_qkv)
+  np.testing.assert_allclose(jax.jit(fn)(*args), ref_fn(*args), atol=2e-5, rtol=2e-5)
+  cotangent = jax.random.normal(jax.random.key(4), q.shape)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * cotangent)
+  got = jax.jit(jax.grad(loss(fn), argnums=range(6)))(*args)
+  want = jax.grad(loss(ref_fn), argnums=range(6))(*args)
+  for name, g, w in zip(['q', 'k', 'v', 'q_g', 'k_g', 'v_g'], got, want):
+    np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5, err_msg=f'd/d{name}')

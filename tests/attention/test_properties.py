@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from longjax import attention
-from tests.attention.cases import CASES, make_inputs, make_segments
+from tests.attention.cases import CASES, intermediate_sizes, make_inputs, make_segments
 
 LENGTH = 150  # several windows, blocks and levels of every case's settings
 
@@ -69,21 +69,24 @@ def test_local_output_ignores_keys_beyond_radius(kind, radius):
     assert not np.allclose(changed[:, ~far], base[:, ~far])
 
 
-def test_hierarchical_is_full_attention_when_one_block_covers_the_input():
+@pytest.mark.parametrize('kind', ['hierarchical', 'multiresolution'])
+def test_hierarchical_is_full_attention_when_one_block_covers_the_input(kind):
   q, k, v = make_inputs(13, 61)
   seg = make_segments(13, 61)
   for causal in (False, True):
     full = attention.dot_product(q, k, v, causal=causal, segment_ids=seg)
     for block_size in (62, 64, 200):
-      got = attention.hierarchical(q, k, v, level0_block=block_size, causal=causal, segment_ids=seg)
+      got = attention.get(kind)(q, k, v, level0_block=block_size, causal=causal,
+                                segment_ids=seg)
       np.testing.assert_allclose(got, full, atol=2e-6, rtol=2e-6)
 
 
-def test_hierarchical_uses_coarse_keys_for_far_tokens():
+@pytest.mark.parametrize('kind', ['hierarchical', 'multiresolution'])
+def test_hierarchical_uses_coarse_keys_for_far_tokens(kind):
   """Far away only a group's mean matters: swapping two values inside a far
   group leaves the output unchanged; swapping two near values does not."""
   q, k, v = make_inputs(14, 128)
-  fn = jax.jit(lambda v: attention.hierarchical(q, k, v, level0_block=8))
+  fn = jax.jit(lambda v: attention.get(kind)(q, k, v, level0_block=8))
   base = fn(v)
   # Query 127: level-0 region [112, 136) is exact, R_1 = [96, 160),
   # R_2 = [64, 192), R_3 = [0, 256): tokens 0..63 are seen as means of 8.
@@ -100,23 +103,7 @@ def _largest_intermediate(kind, length=2048):
   """Most elements of any array in the jaxpr of the kernel's forward + backward."""
   q, k, v = make_inputs(15, length, batch=1)
   loss = lambda q, k, v: jnp.sum(CASES[kind].kernel(q, k, v, True, None))
-  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-  biggest = 0
-
-  def visit(jaxpr):
-    nonlocal biggest
-    for eqn in jaxpr.eqns:
-      for var in eqn.outvars:
-        biggest = max(biggest, int(np.prod(getattr(var.aval, 'shape', ()))))
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (list, tuple)) else (param,):
-          if hasattr(sub, 'eqns'):
-            visit(sub)
-          elif hasattr(sub, 'jaxpr') and hasattr(sub.jaxpr, 'eqns'):
-            visit(sub.jaxpr)
-
-  visit(jaxpr.jaxpr)
-  return biggest
+  return max(intermediate_sizes(loss, q, k, v))
 
 
 def test_full_attention_builds_length_squared_scores():
@@ -124,8 +111,8 @@ def test_full_attention_builds_length_squared_scores():
   assert _largest_intermediate('full') >= 4 * 2048 * 2048
 
 
-@pytest.mark.parametrize('kind', ['local_r20', 'global_local', 'hierarchical', 'adaptive_span',
-                                  'chunked'])
+@pytest.mark.parametrize('kind', ['local_r20', 'global_local', 'hierarchical', 'multiresolution',
+                                  'adaptive_span', 'chunked'])
 def test_no_length_squared_array_in_forward_or_backward(kind):
   """Linear kinds build nothing near [heads, length, length] (here 16.8M elements)."""
   biggest = _largest_intermediate(kind)

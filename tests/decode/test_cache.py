@@ -25,12 +25,13 @@ def teacher_forced_logits(model, prompt, lengths, generated):
 
 # (pinned, ring) slots of the rolling caches with helpers.ATTENTION.
 RING_SLOTS = {'local': (0, 5), 'global_local': (2, 5), 'adaptive_span': (0, 9), 'chunked': (0, 4),
-              'transient_global': (0, 5), 'hierarchical': (0, 8)}
+              'transient_global': (0, 5), 'hierarchical': (0, 8), 'multiresolution': (0, 8)}
 
 CASES = [
     ('full', 'rope'), ('local', 'rope'), ('local', 't5_bias'), ('global_local', 'rope'),
     ('global_local', 't5_bias'), ('transient_global', 'rope'), ('transient_global', 't5_bias'),
-    ('hierarchical', 'rope'), ('hierarchical', 't5_bias'), ('adaptive_span', 't5_bias'),
+    ('hierarchical', 'rope'), ('hierarchical', 't5_bias'), ('multiresolution', 'rope'),
+    ('multiresolution', 't5_bias'), ('adaptive_span', 't5_bias'),
     ('chunked', 'learned'),
 ]
 
@@ -116,7 +117,7 @@ def test_rolling_cache_does_not_grow_with_the_generation(kind):
   window = short[0].window
   assert window.k == window.v == (2, 2, slots, 8) and window.pos == (2, slots)
   assert long[0].window == window
-  if kind == 'hierarchical':  # a ring of <= 2 * level0_block group means per level
+  if kind in ('hierarchical', 'multiresolution'):  # <= 2 * level0_block group means per level
     assert all(p.k[2] <= 8 for p in long[0].pooled)
     assert len(long[0].pooled) == 14 and len(short[0].pooled) == 2  # log2(length / 8)
   elif kind == 'transient_global':  # one summary per block, as many as the kernel uses

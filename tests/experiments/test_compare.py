@@ -124,6 +124,30 @@ def test_mean_span_and_every_eval_metric_are_exported(tmp_path):
   assert os.path.getsize(os.path.join(out, 'answer_loss_vs_length.png')) > 1000
 
 
+def test_each_layers_and_heads_span_are_exported_not_plotted(tmp_path):
+  root = str(tmp_path / 'runs')
+  records = train_records([100.0, 100.0], mean_span=5.0, **{'span/layer_0': 4.0,
+                                                            'span/layer_1': 6.0})
+  records[-1].update({'mean_span': 7.0, 'span/layer_0': 6.5, 'span/layer_1': 7.5})
+  # The run's own eval has the final spans (per head too); an eval at another
+  # length (--mode=eval) is a row of its own, without training columns.
+  heads = {'span/layer_0': 6.0, 'span/layer_0/head_0': 5.0, 'span/layer_0/head_1': 7.0}
+  records += [dict(step=20, split='eval', accuracy=0.3, seq_len=32, **heads),
+              dict(step=20, split='eval', accuracy=0.2, seq_len=64)]
+  write_run(root, 'adaptive_span', 32, 0, records, last_step=20)
+  out = str(tmp_path / 'report')
+  compare.main([root, f'--out={out}'])
+  own, longer = read_csv(os.path.join(out, 'runs.csv'))
+  # The eval record's spans where it has them, else the last train record's.
+  assert own['span/layer_0'] == '6.0' and own['span/layer_1'] == '7.5'
+  assert own['span/layer_0/head_0'] == '5.0' and own['span/layer_0/head_1'] == '7.0'
+  assert own['mean_span'] == '7.0'
+  assert longer['eval_seq_len'] == '64' and longer['span/layer_1'] == ''
+  plotted = sorted(name for name in os.listdir(out) if name.endswith('_vs_length.png'))
+  assert not any('span' in name for name in plotted), plotted
+  assert not any(os.path.isdir(os.path.join(out, name)) for name in os.listdir(out))
+
+
 def test_report_writes_csv_and_plots(tmp_path):
   root = str(tmp_path / 'sweep')
   for kind in ('full', 'local'):

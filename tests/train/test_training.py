@@ -67,9 +67,17 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_eval_mode_at_a_longer_length_with_adaptive_span(tmp_path):
   config = train_testing.tiny_config(num_train_steps=2, eval_every_steps=0,
                                      model__attention__kind='adaptive_span',
-                                     model__attention__max_span=16)
+                                     model__attention__max_span=16,
+                                     model__attention__span_init=0.5)
   trainer.train_and_evaluate(config, tmp_path)
-  assert 'mean_span' in train_testing.read_metrics(tmp_path, 'train')[-1]
+  train = train_testing.read_metrics(tmp_path, 'train')[-1]
+  layers = [f'span/layer_{i}' for i in range(config.model.num_layers)]
+  assert 'mean_span' in train and all(key in train for key in layers), sorted(train)
+  # Each layer's mean span in tokens; their mean is mean_span. Per-head spans
+  # are in the eval records only.
+  assert all(0.0 <= train[key] <= 16.0 for key in layers)
+  assert np.mean([train[key] for key in layers]) == pytest.approx(train['mean_span'], rel=1e-5)
+  assert not any('/head_' in key for key in train)
 
   config.eval_seq_len = 96  # Three times the training length.
   summary = evaluation.evaluate(config, tmp_path)
@@ -78,6 +86,12 @@ def test_eval_mode_at_a_longer_length_with_adaptive_span(tmp_path):
   assert record['loss'] == pytest.approx(summary['loss']) and math.isfinite(record['loss'])
   # The initial span is span_init * max_span; two small steps barely move it.
   assert record['mean_span'] == pytest.approx(8.0, abs=0.5)
+  heads = [f'{layer}/head_{h}' for layer in layers for h in range(config.model.num_heads)]
+  assert all(key in record for key in layers + heads), sorted(record)
+  assert all(0.0 <= record[key] <= 16.0 for key in heads)
+  for layer in layers:
+    mean = np.mean([record[f'{layer}/head_{h}'] for h in range(config.model.num_heads)])
+    assert record[layer] == pytest.approx(mean, rel=1e-5)
 
 
 def test_eval_mode_without_a_checkpoint_says_so(tmp_path):

@@ -99,6 +99,34 @@ def test_summaries():
   assert train['mean_span'] == 12.0
 
 
+def test_span_metrics_per_layer_and_head_are_kept_and_logged(tmp_path):
+  spans = metrics.span_metrics({0: np.array([2.0, 4.0]), 10: np.array([1.0, 0.0])})
+  assert {k: float(v) for k, v in spans.items()} == {
+      'span/layer_0': 3.0, 'span/layer_0/head_0': 2.0, 'span/layer_0/head_1': 4.0,
+      'span/layer_10': 0.5, 'span/layer_10/head_0': 1.0, 'span/layer_10/head_1': 0.0}
+  base = {'nll_sum': 2.0, 'weight_sum': 1.0, 'correct_sum': 0.0, 'byte_sum': 0.0}
+  first = dict(base, **{k: np.float32(v) + 1 for k, v in spans.items()})
+  second = dict(base, **spans)
+  # Properties of the weights: the latest value, never summed.
+  assert metrics.add_sums(first, second)['span/layer_0'] == 3.0
+  evaluation = metrics.summarize(metrics.add_sums(first, second), with_bits_per_byte=False)
+  assert [k for k in evaluation if k.startswith('span/')] == [
+      'span/layer_0', 'span/layer_0/head_0', 'span/layer_0/head_1',
+      'span/layer_10', 'span/layer_10/head_0', 'span/layer_10/head_1']
+  train = metrics.train_summary([dict(first, learning_rate=0.1, grad_norm=1.0),
+                                 dict(second, learning_rate=0.1, grad_norm=1.0)],
+                                with_bits_per_byte=False)
+  assert {k: v for k, v in train.items() if k.startswith('span/')} == {
+      'span/layer_0': 3.0, 'span/layer_10': 0.5}  # per head: eval records only
+  writer = metrics.MetricsWriter(str(tmp_path), enabled=True)
+  writer.write(5, 'train', train)
+  writer.write(5, 'eval', evaluation)
+  writer.close()
+  train_record, eval_record = train_testing.read_metrics(tmp_path)
+  assert train_record['split'] == 'train' and train_record['span/layer_10'] == 0.5
+  assert eval_record['split'] == 'eval' and eval_record['span/layer_0/head_1'] == 4.0
+
+
 def test_jsonl_writer_truncates_after_a_resumed_step(tmp_path):
   writer = metrics.MetricsWriter(str(tmp_path), enabled=True)
   for step in (1, 2, 3):

@@ -47,6 +47,8 @@ def test_bad_mesh_on_the_command_line_fails_before_compiling(tmp_path):
     (dict(model__attention__kind='global_local', model__attention__global_tokens='marked',
           dataset__name='longjax_pystdlib'),
      ["config.model.attention.global_tokens = 'marked'", "'longjax_pystdlib'", "'prefix'"]),
+    (dict(model__attention__kind='multiresolution', dataset__name='longjax_pystdlib'),
+     ['multiresolution', 'config.dataset.pack = False']),
 ])
 def test_bad_config_fails_fast_naming_the_field(overrides, fields, tmp_path):
   with pytest.raises(ValueError) as error:
@@ -107,3 +109,10 @@ def test_marked_global_tokens_pass_on_a_task_that_marks_them():
   assert config.dataset.name == 'passkey'
   run_config = validation.validate_config(config, mesh_shape=MESH_1)
   assert run_config.model.attention.global_tokens == 'marked'
+
+
+def test_row_aligned_kinds_train_on_unpacked_text():
+  config = train_testing.tiny_config(model__attention__kind='multiresolution',
+                                     dataset__name='longjax_pystdlib', dataset__pack=False)
+  assert validation.validate_config(config, mesh_shape=MESH_1).model.attention.kind == \
+      'multiresolution'
