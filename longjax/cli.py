@@ -6,8 +6,10 @@ clean `FATAL` lines (exit status 1) instead of tracebacks.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
+from typing import Mapping, Optional
 
 from absl import flags
 from absl import logging
@@ -139,6 +141,36 @@ def platform_line() -> str:
     chosen = os.environ.get('JAX_PLATFORMS')
     text += f' (JAX_PLATFORMS={chosen})' if chosen else ' (no GPU or TPU found)'
   return text + '.'
+
+
+# Multi-process ------------------------------------------------------------------------
+
+
+def coordinator_bind_address(coordinator_address: Optional[str],
+                             environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+  """What process 0's coordinator listens on: the given address when its host is loopback.
+
+  Left to itself, jax.distributed.initialize binds the coordinator (gRPC, no
+  authentication) to every interface, `[::]:PORT`, even for
+  `--coordinator_address=localhost:PORT`. A loopback host (localhost,
+  127.0.0.0/8, ::1) means every process is on this machine, so the coordinator
+  binds to exactly that address. Any other host gets JAX's default: on process 0
+  a name can resolve to another address than the one the other hosts reach it by
+  (Debian maps its own hostname to 127.0.1.1). None (JAX decides) also when
+  JAX_COORDINATOR_BIND_ADDRESS is set (JAX reads it) or no address is given.
+  """
+  environ = os.environ if environ is None else environ
+  if not coordinator_address or environ.get('JAX_COORDINATOR_BIND_ADDRESS'):
+    return None
+  host, colon, port = coordinator_address.rpartition(':')
+  if not colon or not port:
+    return None  # Not host:port; JAX says so.
+  host = host.strip('[]')
+  try:
+    loopback = host.lower() == 'localhost' or ipaddress.ip_address(host).is_loopback
+  except ValueError:  # A host name.
+    loopback = False
+  return coordinator_address if loopback else None
 
 
 # main ---------------------------------------------------------------------------------

@@ -50,11 +50,13 @@ from ml_collections import config_flags
 
 from longjax import cli
 from longjax import data
+from longjax.train import checkpointing
 from longjax.train import evaluation
 from longjax.train import run_identity
 from longjax.train import setup
 from longjax.train import trainer
 from longjax.train import validation
+from longjax.train import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A config name (pretrain, pretrain:local) or file (configs/pretrain.py:local); '
@@ -76,6 +78,10 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 (multi-process GPU or CPU runs).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
+    'allow_config_change', [], 'train: fields of what the run is (model, tokenizer, dataset, '
+    'seed) that a resume may change on purpose, e.g. model.attention.kind,seed; other '
+    'settings may change with a warning.')
 flags.mark_flags_as_required(['config'])
 
 MODES = {'train': trainer.train_and_evaluate, 'eval': evaluation.evaluate,
@@ -124,22 +130,29 @@ def main(argv):
       raise cli.UserError(f'--workdir={workdir} {problem}')
     if _wants_distributed():
       # Must come before anything touches a device; missing values are found
-      # from the cluster environment (Cloud TPU metadata, SLURM, Open MPI).
+      # from the cluster environment (Cloud TPU metadata, SLURM, Open MPI). A
+      # loopback coordinator listens on loopback only (JAX's default is every interface).
+      coordinator = _COORDINATOR.value or os.environ.get('JAX_COORDINATOR_ADDRESS')
       jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                  num_processes=_NUM_PROCESSES.value,
-                                 process_id=_PROCESS_ID.value)
+                                 process_id=_PROCESS_ID.value,
+                                 coordinator_bind_address=cli.coordinator_bind_address(coordinator))
     logging.info(cli.platform_line())
     if jax.process_count() > 1:
       logging.info('JAX process %d of %d, %d local devices.', jax.process_index(),
                    jax.process_count(), jax.local_device_count())
     logging.info('Large host allocations on transparent huge pages: %s.',
                  'yes' if hostmem.is_on(os.environ) else 'no')
-    MODES[mode](_CONFIG.value, workdir)
-  except cli.UserError as error:
+    if mode == 'train':
+      trainer.train_and_evaluate(_CONFIG.value, workdir,
+                                 allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    else:
+      MODES[mode](_CONFIG.value, workdir)
+  except (cli.UserError, workdir_lock.WorkdirBusyError) as error:
     cli.fatal([str(error)])
   except (validation.ConfigError, data.DataConfigError) as error:
     cli.fatal(cli.config_error_lines(error))
-  except run_identity.NotTrainedError as error:
+  except (run_identity.NotTrainedError, checkpointing.CheckpointSaveError) as error:
     cli.fatal([str(error)])
 
 

@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   dataset.num_workers = 0  # grain worker processes (0 = in the main process).
   dataset.prefetch = 2  # Batches prefetched on a background thread.
   dataset.verses_per_example = 4  # longjax_bible_en_es: consecutive verses per example.
+  dataset.allow_download = False  # tfds dataset not prepared in data_dir: download it, or fail.
   config.dataset = dataset
 
   tokenizer = ml_collections.ConfigDict()

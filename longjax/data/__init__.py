@@ -11,7 +11,9 @@
     longjax_bible_en_es (translation);
   - synthetic long-range diagnostics: passkey, associative_recall, selective_copy;
   - any tfds name (pg19, wmt14_translate/de-en, scientific_papers/arxiv, ...),
-    read with `tfds.data_source` from array_record in config.dataset.data_dir.
+    read with `tfds.data_source` from array_record in config.dataset.data_dir, where it
+    must be prepared (`tfds build NAME --data_dir=DIR --file_format=array_record`);
+    nothing is downloaded at run time unless config.dataset.allow_download.
 
 Modules: `config` (DataConfig, the settings every function here takes),
 `tokenizers`, `sources` (names -> data sources), `embedded` (the tfds
@@ -27,6 +29,8 @@ from longjax.data.config import TokenizerConfig
 from longjax.data.pipeline import build_eval_iterator
 from longjax.data.pipeline import build_train_iterator
 from longjax.data.pipeline import get_tokenizer
+from longjax.data.sources import check_dataset
+from longjax.data.sources import DatasetUnavailableError
 from longjax.data.sources import EMBEDDED_DATASETS
 from longjax.data.sources import SYNTHETIC_TASKS
 from longjax.data.tokenizers import ByteTokenizer
@@ -37,4 +41,5 @@ __all__ = [
     'DataConfig', 'DataConfigError', 'DatasetConfig', 'SyntheticConfig', 'TokenizerConfig',
     'build_eval_iterator', 'build_train_iterator', 'get_tokenizer', 'Tokenizer',
     'ByteTokenizer', 'SentencePieceTokenizer', 'EMBEDDED_DATASETS', 'SYNTHETIC_TASKS',
+    'check_dataset', 'DatasetUnavailableError',
 ]

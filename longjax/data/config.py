@@ -14,13 +14,16 @@ runs here, once, before anything is built: all problems are reported together,
 one per line, each as `config.<block>.<field> = <value>: <what is wrong>`.
 
 Field names are the config's (longjax/configs/base.py documents each, and holds the
-only defaults), with one exception: `DataConfig.synthetic_tasks` holds the
-`config.synthetic` block, because `DataConfig.synthetic` answers "is the
-dataset a synthetic task?". `eval_seq_len` is stored resolved (-1 in the
-config means `seq_len`), so no reader handles the sentinel. Checks that need
-more than the config stay where that is known: the dataset's features
-(`sources.check_feature_keys`), a synthetic row's minimum length (the task, at
-each length it is built for) and the batch split over processes.
+defaults; only `DatasetConfig.allow_download` has one here too, False, so that a
+DatasetConfig made by hand never downloads), with one exception:
+`DataConfig.synthetic_tasks` holds the `config.synthetic` block, because
+`DataConfig.synthetic` answers "is the dataset a synthetic task?". `eval_seq_len`
+is stored resolved (-1 in the config means `seq_len`), so no reader handles the
+sentinel. Checks that need more than the config stay where that is known: the
+dataset's features (`sources.check_feature_keys`), whether it is prepared and
+its splits have examples (`sources.check_dataset`), a synthetic row's minimum
+length (the task, at each length it is built for) and the batch split over
+processes.
 """
 from __future__ import annotations
 
@@ -64,6 +67,8 @@ class DatasetConfig:
   num_workers: int
   prefetch: int
   verses_per_example: int
+  # A tfds dataset not prepared in data_dir is downloaded (True) or refused (False, the default).
+  allow_download: bool = False
 
   @property
   def synthetic(self) -> bool:

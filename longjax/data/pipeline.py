@@ -115,8 +115,10 @@ def process_slice(batch_size: int, process_index: Optional[int], process_count: 
   return process_index, process_count, batch_size // process_count
 
 
-def _checked_source(dataset_config: DatasetConfig, split: str):
-  source = sources.get_data_source(dataset_config, split)
+def _checked_source(dataset_config: DatasetConfig, field: str):
+  """The source of the split `config.dataset.<field>` names, its feature keys checked."""
+  sources.check_dataset(dataset_config, (field,))  # Prepared, and the split not empty.
+  source = sources.get_data_source(dataset_config, getattr(dataset_config, field))
   info = getattr(source, 'dataset_info', None)
   if info is not None:
     sources.check_feature_keys(dataset_config, info.features)
@@ -211,7 +213,7 @@ def build_train_iterator(data_config: DataConfig, tokenizer: tokenizers.Tokenize
     rows = (grain.MapDataset.source(task)[process_index::process_count]
             .shuffle(seed).repeat().to_iter_dataset())
   else:
-    source = _checked_source(data_config.dataset, data_config.dataset.split_train)
+    source = _checked_source(data_config.dataset, 'split_train')
     documents = grain.MapDataset.source(source)[process_index::process_count].shuffle(seed).repeat()
     rows = _rows(data_config, documents, tokenizer, seq_len, train=True,
                  num_bins=max(4 * local_batch, 16))
@@ -243,7 +245,7 @@ def build_eval_iterator(data_config: DataConfig, tokenizer: tokenizers.Tokenizer
         filler_tokens=synthetic.filler_tokens(data_config, tokenizer, 'eval'))
     rows = grain.MapDataset.source(task).to_iter_dataset()
   else:
-    source = _checked_source(data_config.dataset, data_config.dataset.split_eval)
+    source = _checked_source(data_config.dataset, 'split_eval')
     rows = _rows(data_config, grain.MapDataset.source(source), tokenizer, seq_len, train=False,
                  num_bins=max(global_batch, 16), with_text=with_text)
   batches = rows.batch(global_batch, drop_remainder=False,

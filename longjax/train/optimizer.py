@@ -151,8 +151,11 @@ def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule, decay_mask
   `span_mask` (adaptive span), the span parameters kept in [0, 1]."""
   tx = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=1e-8,
                    weight_decay=config.weight_decay, mask=decay_mask)
-  if config.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+  # Always a chain, with identity for no clipping: neither holds state, so a
+  # resume may turn clipping on or off (a schedule change) and the optimizer
+  # state keeps its layout.
+  clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
+  tx = optax.chain(clip, tx)
   if spans is not None:
     tx = clamp_spans(tx, spans)
   return tx

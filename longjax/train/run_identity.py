@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import json
 import os
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 from absl import logging
 import ml_collections
 
+from longjax import files
 from longjax.models import config as model_config_lib
 from longjax.train import validation
 
@@ -34,7 +36,7 @@ CONFIG_FILE = 'config.json'
 # Where the data is read from and how the arrays are laid out: the same run on
 # another machine, mesh or data mount.
 PLACEMENT = ('mesh', 'axis_rules', 'dataset.data_dir', 'dataset.num_workers',
-             'dataset.prefetch')
+             'dataset.prefetch', 'dataset.allow_download')
 # What an evaluation of a finished run may choose: how long, on which split,
 # how much, in what batches, and how to decode. A name covers its sub-fields
 # ('decode' is every decode.* field).
@@ -220,3 +222,90 @@ def _as_flag(field: str, value) -> str:
   if isinstance(value, list):
     return f'"--config.{field}={_tuples(value)!r}"'
   return f'--config.{field}={value}'
+
+
+# Resuming training -----------------------------------------------------------
+# What a resumed run may change: its identity (the model, tokenizer, data and
+# its preprocessing, the seed) only when --allow_config_change names the
+# field; its placement freely; everything else (the schedule: steps, learning
+# rate, batch, seq_len, intervals, clipping) with a warning, recorded in
+# config_history.jsonl. Without this a full-attention run resumed as local
+# attention, and a changed seed or dataset was taken for a corrupt checkpoint
+# (reliability audit, M2 and H2).
+RESUME_IDENTITY = ('model', 'tokenizer', 'dataset', 'synthetic', 'target_len', 'seed')
+# Fields whose change makes the saved position in the data stream meaningless
+# (restoring it fails, or lands elsewhere): an allowed change restarts the
+# stream instead. (A new seq_len or batch size keeps the position.)
+DATA_STREAM = ('tokenizer', 'dataset', 'synthetic', 'target_len', 'seed')
+HISTORY_FILE = 'config_history.jsonl'
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+  """What a resume changes: every accepted difference, and whether the data stream restarts."""
+  changed: tuple[Difference, ...]
+  restart_data: bool
+
+
+def resume_check(config: ml_collections.ConfigDict, workdir: str, *,
+                 allow: Iterable[str] = ()) -> Optional[Resume]:
+  """Compares the config of a resumed run with the saved one, before anything is restored.
+
+  Returns None when the workdir has no saved config (nothing to compare), else
+  the accepted changes. Raises RunIdentityError naming every identity field
+  that differs (saved and given values) and is not in `allow`.
+  """
+  try:
+    saved = flatten(read_saved(workdir))
+  except NotTrainedError:
+    logging.warning('%s has checkpoints but no %s: the resumed config cannot be checked '
+                    'against the one that trained them.', workdir, CONFIG_FILE)
+    return None
+  allow = tuple(allow)
+  unknown = [field for field in allow if not any(covers((field,), name) for name in saved)]
+  changed = differences(saved, flatten(config), may_change=PLACEMENT)
+  refused = [d for d in changed if covers(RESUME_IDENTITY, d.field) and not covers(allow, d.field)]
+  if refused or unknown:
+    saved_flags = ' '.join(_as_flag(d.field, d.saved) for d in refused)
+    problems = [str(d) for d in refused] + [
+        f'--allow_config_change={field}: no such field in the saved config' for field in unknown]
+    raise RunIdentityError(
+        problems,
+        heading=(f'Resuming {workdir} with a config that changes what the run is (its model, '
+                 f'tokenizer, data or seed; saved in {os.path.join(workdir, CONFIG_FILE)}); '
+                 f'nothing was restored or moved:'),
+        advice=(f'Resume with the saved values ({saved_flags or "drop the overrides"}), or '
+                f'name the fields to change on purpose: --allow_config_change='
+                f'{",".join(d.field for d in refused) or "FIELD"}; or use a new --workdir.'))
+  schedule = [d for d in changed if not covers(RESUME_IDENTITY, d.field)]
+  if schedule:
+    logging.warning('Resuming with changed settings (recorded in %s): %s.', HISTORY_FILE,
+                    '; '.join(map(str, schedule)))
+  allowed = [d for d in changed if covers(RESUME_IDENTITY, d.field)]
+  if allowed:
+    logging.warning('Resuming with identity changes allowed by --allow_config_change: %s.',
+                    '; '.join(map(str, allowed)))
+  restart = any(covers(DATA_STREAM, d.field) for d in changed)
+  if restart:
+    logging.warning('The data settings changed: the training data stream starts again from '
+                    'its beginning instead of the saved position.')
+  return Resume(tuple(changed), restart)
+
+
+def record_start(config: ml_collections.ConfigDict, workdir: str, *, step: int,
+                 resume: Optional[Resume]) -> None:
+  """After a successful restore (or a fresh start): config.json becomes this
+  config, and config_history.jsonl gains a line (the whole config for a fresh
+  start; the changed fields, saved and given, for a resume)."""
+  record = dict(time=datetime.datetime.now().isoformat(timespec='seconds'), step=step)
+  if step == 0:
+    record.update(event='start', config=flatten(config))
+  else:
+    record.update(event='resume', changed={
+        d.field: dict(saved=d.saved, given=d.given) for d in (resume.changed if resume else ())})
+  with open(os.path.join(workdir, HISTORY_FILE), 'a', encoding='utf-8') as f:
+    f.write(json.dumps(record, sort_keys=True, default=str) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+  files.write_atomically(os.path.join(workdir, CONFIG_FILE),
+                         config.to_json_best_effort(indent=2, sort_keys=True))

@@ -108,6 +108,9 @@ def build_run(config, workdir, *, process_count: Optional[int] = None) -> Run:
       config, mesh_shape=dict(mesh.shape),
       process_count=jax.process_count() if process_count is None else process_count)
 
+  # A dataset not prepared in data_dir, or an empty split, fails here, before a
+  # tokenizer is trained or anything compiles (embedded datasets are built here).
+  data.check_dataset(run_config.data.dataset)
   tokenizer = data.get_tokenizer(run_config.data, workdir)
   model_config = dataclasses.replace(run_config.model, vocab_size=int(tokenizer.vocab_size))
   run_config = dataclasses.replace(run_config, model=model_config)

@@ -52,8 +52,10 @@ def test_restored_iterator_continues_with_the_same_batches(case, make_data_confi
 
 
 def test_restore_across_epochs_and_reshuffle(make_data_config):
+  # allow_download: under tfds' mock, "downloading" makes the mock data (nothing is fetched).
   config = make_data_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
-                            dataset__target_key='en', seq_len=24, batch_size=4)
+                            dataset__target_key='en', seq_len=24, batch_size=4,
+                            dataset__allow_download=True)
   with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
     batches = data_testing.take(train_iterator(config), 6)  # Three epochs of 8.
     assert_resumes_exactly(config, skip=3)  # Saved mid-epoch 2, resumed into epoch 3.

@@ -1,4 +1,6 @@
 """The real pipeline over tfds mock data (no TensorFlow): shapes, masks, dtypes, sharding."""
+import functools
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -19,6 +21,13 @@ def mock_tfds():
   return mock
 
 
+@pytest.fixture
+def make_mock_config(make_data_config):
+  """make_data_config with allow_download: under tfds' mock, "downloading" makes the mock data
+  (no dataset is prepared in data_dir, and the mocked download_and_prepare fetches nothing)."""
+  return functools.partial(make_data_config, dataset__allow_download=True)
+
+
 def mock_texts(config, split, key):
   source = tfds.data_source(config.dataset.name, split=split)
   return [tokenizers.as_str(source[i][key]) for i in range(len(source))]
@@ -35,8 +44,8 @@ def assert_lm_batch(batch, batch_size, seq_len):
   np.testing.assert_array_equal(batch['targets'][:, :-1][same], batch['inputs'][:, 1:][same])
 
 
-def test_lm_batches_over_pg19_mock(make_data_config, mock_tfds):
-  config = make_data_config(dataset__name='pg19', dataset__input_key='book_text', seq_len=32,
+def test_lm_batches_over_pg19_mock(make_mock_config, mock_tfds):
+  config = make_mock_config(dataset__name='pg19', dataset__input_key='book_text', seq_len=32,
                             batch_size=4)
   tokenizer = tokenizers.ByteTokenizer()
   with mock_tfds(12):
@@ -56,8 +65,8 @@ def test_lm_batches_over_pg19_mock(make_data_config, mock_tfds):
   assert max(batch['segment_ids'].max() for batch in batches) >= 2
 
 
-def test_seq2seq_batches_over_wmt_mock(make_data_config, mock_tfds):
-  config = make_data_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
+def test_seq2seq_batches_over_wmt_mock(make_mock_config, mock_tfds):
+  config = make_mock_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
                             dataset__target_key='en', seq_len=24, target_len=12, batch_size=4)
   tokenizer = tokenizers.ByteTokenizer()
   with mock_tfds(10):
@@ -78,8 +87,8 @@ def test_seq2seq_batches_over_wmt_mock(make_data_config, mock_tfds):
   assert (last <= 11).all()
 
 
-def test_eval_pads_the_last_batch_and_returns_text(make_data_config, mock_tfds):
-  config = make_data_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
+def test_eval_pads_the_last_batch_and_returns_text(make_mock_config, mock_tfds):
+  config = make_mock_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
                             dataset__target_key='en', seq_len=24, target_len=24, batch_size=4)
   tokenizer = tokenizers.ByteTokenizer()
   with mock_tfds(5):
@@ -103,8 +112,8 @@ def test_eval_pads_the_last_batch_and_returns_text(make_data_config, mock_tfds):
   assert padding['weights'][0].sum() > 0
 
 
-def test_eval_rows_split_across_processes(make_data_config, mock_tfds):
-  config = make_data_config(dataset__name='pg19', dataset__input_key='book_text', seq_len=16,
+def test_eval_rows_split_across_processes(make_mock_config, mock_tfds):
+  config = make_mock_config(dataset__name='pg19', dataset__input_key='book_text', seq_len=16,
                             batch_size=4)
   tokenizer = tokenizers.ByteTokenizer()
   with mock_tfds(9):
@@ -118,8 +127,8 @@ def test_eval_rows_split_across_processes(make_data_config, mock_tfds):
       np.testing.assert_array_equal(whole[key], np.concatenate([first[key], second[key]]))
 
 
-def test_train_shards_by_process(make_data_config, mock_tfds):
-  config = make_data_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
+def test_train_shards_by_process(make_mock_config, mock_tfds):
+  config = make_mock_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
                             dataset__target_key='en', seq_len=24, batch_size=4)
   tokenizer = tokenizers.ByteTokenizer()
   with mock_tfds(8):

@@ -116,7 +116,8 @@ def test_decode_and_score_on_seq2seq_writes_every_real_example_in_order(tmp_path
   config = small_config(dataset__name='wmt14_translate/de-en', dataset__input_key='de',
                         dataset__target_key='en', seq_len=24,
                         target_len=16, decode__beam_size=2,
-                        dataset__data_dir=str(tmp_path / 'tfds'))
+                        dataset__data_dir=str(tmp_path / 'tfds'),
+                        dataset__allow_download=True)  # tfds' mocked download makes the data.
   tokenizer = tokenizers.ByteTokenizer()
   with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
     source = tfds.data_source(config.dataset.name, split='validation')

@@ -6,6 +6,9 @@ after_log:  right after step N's train metrics are written (log_every_steps=1),
             once the checkpoints already started are complete;
 after_save: right after the checkpoint of step N was started, while its files
             are still being written in the background.
+twice:      after_log at step N, and the signal again when the run, stopping,
+            waits for the checkpoint that the first signal asked for (a
+            second SIGTERM during the preemption save).
 """
 import os
 import runpy
@@ -21,6 +24,17 @@ def main():
   signum = getattr(signal, f'SIG{name}')
   sys.argv = ['longjax.main'] + sys.argv[4:]
 
+  if when == 'twice':
+    close = checkpointing.Checkpointer.close
+
+    def signal_again_then_close(self):
+      # The run is leaving with its preemption save still being written; the
+      # close below waits for it.
+      os.kill(os.getpid(), signum)
+      close(self)
+
+    checkpointing.Checkpointer.close = signal_again_then_close
+    when = 'after_log'
   if when == 'after_log':
     write = metrics.MetricsWriter.write
     checkpointers = []

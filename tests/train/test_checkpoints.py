@@ -56,9 +56,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, env)
   assert records == [(r['step'], r['split'], r['loss'])
                      for r in train_testing.read_metrics(tmp_path / 'reference')]
 
-  # A readable checkpoint of another model is a config error, not corruption.
+  # A readable checkpoint of another model is a config error, not corruption: the
+  # resume check refuses it first, and, if the change is allowed, the restore does.
+  other = train_testing.tiny_config(**RUN, model__emb_dim=48)
+  with pytest.raises(ValueError, match='config.model.emb_dim: saved 32, given 48'):
+    trainer.train_and_evaluate(other, workdir)
   with pytest.raises(ValueError, match='does not match the model'):
-    trainer.train_and_evaluate(train_testing.tiny_config(**RUN, model__emb_dim=48), workdir)
+    trainer.train_and_evaluate(other, workdir, allow_config_change=['model.emb_dim'])
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '8']  # Nothing moved.
 
 

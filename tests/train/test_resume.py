@@ -1,4 +1,5 @@
-"""A run killed (SIGKILL) or preempted (SIGTERM) and restarted ends bitwise where an
+"""A run killed (SIGKILL), preempted (SIGTERM, even twice) or interrupted (SIGINT) and
+restarted ends bitwise where an
 uninterrupted run ends: parameters, optimizer state and every logged loss.
 
 All runs are `python -m longjax.main` subprocesses on a 2-device mesh (fsdp=2,
@@ -48,6 +49,8 @@ def _final_state(workdir):
     ('KILL', 6, 'after_log', -signal.SIGKILL, [4]),  # Between two checkpoints.
     ('KILL', 8, 'after_save', -signal.SIGKILL, [4, 8]),  # Mid-save: 8 may be incomplete.
     ('TERM', 5, 'after_log', 143, [6]),  # Preemption: saves the next step, exits 143.
+    ('INT', 5, 'after_log', 130, [6]),  # Ctrl-C: the same, exits 130.
+    ('TERM', 5, 'twice', 143, [6]),  # A second SIGTERM during that save is ignored.
 ])
 def test_interrupted_run_resumes_bitwise(signal_name, at_step, when, exit_code, resumes_from,
                                          reference, env, tmp_path):

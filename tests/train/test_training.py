@@ -112,8 +112,9 @@ def test_encoder_decoder_on_translation(tmp_path):
   config = train_testing.tiny_config(
       num_train_steps=2, log_every_steps=1, eval_every_steps=2, num_eval_steps=1,
       dataset__name='wmt14_translate/de-en', dataset__input_key='de', dataset__target_key='en',
-      model__arch='encoder_decoder', target_len=16)
-  # tfds' mock data: random text in the dataset's real feature spec, nothing downloaded.
+      model__arch='encoder_decoder', target_len=16, dataset__allow_download=True)
+  # tfds' mock data: random text in the dataset's real feature spec, nothing downloaded
+  # (allow_download: the mocked download makes it).
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
     trainer.train_and_evaluate(config, tmp_path)
   records = train_testing.read_metrics(tmp_path)
