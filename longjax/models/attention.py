@@ -143,7 +143,8 @@ class SelfAttention(_Projections):
 
   def _attend(self, x, positions, q, k, v, *, segment_ids, global_mask, bias_fn,
               summary_bias_fn):
-    """The kernel over q, k, v of inputs x: (out [b, l, heads, d], aux with the span penalty)."""
+    """The kernel over q, k, v of inputs x: (out [b, l, heads, d], aux with the span
+    penalty, extra: what the layer formed for the kernel — summaries, global q/k/v)."""
     spec = self.spec
     settings = spec.settings(self.config.attention)
     aux, extra = {}, {}
@@ -171,7 +172,7 @@ class SelfAttention(_Projections):
       # Keep only q, k, v (and the output) for the backward pass: the score
       # tiles, O(length x window) per head, are recomputed instead of stored.
       kernel = jax.checkpoint(kernel, policy=jax.checkpoint_policies.nothing_saveable)
-    return kernel(q, k, v, segment_ids, extra), aux
+    return kernel(q, k, v, segment_ids, extra), aux, extra
 
   def __call__(self, x, *, positions, segment_ids=None, global_mask=None, bias_fn=None,
                summary_bias_fn=None):
@@ -182,9 +183,9 @@ class SelfAttention(_Projections):
     bias_fn: the token position bias; summary_bias_fn: the summaries' (TGlobal).
     """
     q, k, v = self.project(x, positions)
-    out, aux = self._attend(x, positions, q, k, v, segment_ids=segment_ids,
-                            global_mask=global_mask, bias_fn=bias_fn,
-                            summary_bias_fn=summary_bias_fn)
+    out, aux, _ = self._attend(x, positions, q, k, v, segment_ids=segment_ids,
+                               global_mask=global_mask, bias_fn=bias_fn,
+                               summary_bias_fn=summary_bias_fn)
     return self.output(out), aux
 
   # Decoding ---------------------------------------------------------------
@@ -220,13 +221,14 @@ class SelfAttention(_Projections):
     """
     layout = self.cache_layout(max_length)
     q, k, v = self.project(x, positions)
-    out, _ = self._attend(x, positions, q, k, v, segment_ids=None, global_mask=None,
-                          bias_fn=bias_fn, summary_bias_fn=summary_bias_fn)
+    out, _, formed = self._attend(x, positions, q, k, v, segment_ids=None, global_mask=None,
+                                  bias_fn=bias_fn, summary_bias_fn=summary_bias_fn)
+    # The cache takes what the kernel was given, not a second computation of it.
     summaries = global_kv = None
-    if self.spec.summary_layout is not None:
-      summaries = self.summaries(x, None) + (x,)
-    if self.has_global_projections:
-      global_kv = self.project(x, positions, global_rows=True)[1:]
+    if 'summary_k' in formed:
+      summaries = (formed['summary_k'], formed['summary_v'], x)
+    if 'global_qkv' in formed:
+      global_kv = formed['global_qkv'][1:]
     return self.output(out), kv_cache.from_prompt(layout, k, v, lengths, summaries=summaries,
                                                   global_kv=global_kv, queries=q)
 
