@@ -7,6 +7,13 @@ batch 1, 8 heads of 64, radius 128, fp32 by default. `dense` is
 jax.nn.dot_product_attention (XLA) for comparison. Reported: median step
 time, tokens/s, the process's peak RSS and XLA's planned temporary memory.
 Results go to BENCHMARKS.md by hand, with the command and the machine.
+
+    python benchmarks/attention.py --implementations=splash,pallas_gpu --lengths 1024,4096
+
+adds, for every kind that lists them, the accelerator kernels run by the
+Pallas interpreter (on CPU) against the XLA kernel on the same inputs: the
+max |error| of the output and of the gradients. It is a correctness column
+only: interpret mode says nothing about a kernel's speed.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ KINDS = ('dense', 'full', 'local', 'global_local', 'transient_global', 'hierarch
          'multiresolution', 'adaptive_span', 'chunked')
 
 
-def kernel(kind: str, args):
+def kernel(kind: str, args, implementation: str = 'auto'):
   """A function (q, k, v) -> out for `kind` with the benchmark's settings."""
   import jax
   import jax.numpy as jnp
@@ -33,7 +40,8 @@ def kernel(kind: str, args):
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                         implementation='xla')
   if kind == 'full':
-    return lambda q, k, v: attention.dot_product(q, k, v, causal=causal)
+    return lambda q, k, v: attention.dot_product(q, k, v, causal=causal,
+                                                 implementation=implementation)
   fn = attention.get(kind)
   kwargs = dict(
       local=dict(radius=args.radius),
@@ -52,10 +60,11 @@ def kernel(kind: str, args):
       b, length, h, d = k.shape
       g = length // block
       means = lambda x: x[:, :g * block].reshape(b, g, block, h, d).mean(axis=2)
-      return fn(q, k, v, causal=causal, summary_k=means(k), summary_v=means(v), **kwargs)
+      return fn(q, k, v, causal=causal, summary_k=means(k), summary_v=means(v),
+                implementation=implementation, **kwargs)
 
     return with_summaries
-  return lambda q, k, v: fn(q, k, v, causal=causal, **kwargs)
+  return lambda q, k, v: fn(q, k, v, causal=causal, implementation=implementation, **kwargs)
 
 
 def run_one(args):
@@ -78,6 +87,40 @@ def run_one(args):
   print(json.dumps(result))
 
 
+def implementation_check(args) -> str:
+  """Max |error| of each accelerated implementation against 'xla' (interpreted on CPU)."""
+  import jax
+  import jax.numpy as jnp
+  from longjax import attention
+  rows = []
+  for kind in args.kinds.split(','):
+    if kind == 'dense':
+      continue
+    wanted = [i for i in args.implementations.split(',')
+              if i in attention.spec(kind).implementations]
+    for implementation in wanted:
+      for length in [int(x) for x in args.lengths.split(',')]:
+        shape = (args.batch, length, args.heads, args.head_dim)
+        keys = jax.random.split(jax.random.key(length), 3)
+        q, k, v = (jax.random.normal(key, shape, jnp.dtype(args.dtype)) for key in keys)
+        errors = []
+        for mode in ('fwd', 'grad'):
+          outs = []
+          for impl in (implementation, 'xla'):
+            fn = kernel(kind, args, impl)
+            if mode == 'grad':
+              fn = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2),
+                            argnums=(0, 1, 2))
+            outs.append(jax.tree.leaves(jax.jit(fn)(q, k, v)))
+          errors.append(max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                            for a, b in zip(*outs)))
+        rows.append([kind, implementation, length, f'{errors[0]:.1e}', f'{errors[1]:.1e}'])
+        print(f'# checked {kind} {implementation} L={length}', flush=True)
+  return ('\ninterpreted accelerator kernels against xla (correctness only, not speed): '
+          'max |error|\n\n' + harness.markdown_table(
+              ['kind', 'implementation', 'length', 'forward', 'gradient'], rows))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +141,9 @@ def main():
   parser.add_argument('--timeout', type=float, default=300)
   parser.add_argument('--mem-cap-gb', type=float, default=20)
   harness.add_hugepages_flag(parser)
+  parser.add_argument('--implementations', default='',
+                      help="e.g. 'splash,pallas_gpu': only check them against 'xla' "
+                           '(interpreted on CPU; correctness, not speed)')
   parser.add_argument('--out', default='')
   # Internal: run a single point in this process.
   parser.add_argument('--point', action='store_true', help=argparse.SUPPRESS)
@@ -107,6 +153,10 @@ def main():
   args = parser.parse_args()
   if args.point:
     return run_one(args)
+  if args.implementations:
+    print(f'# {harness.machine_description()}', flush=True)
+    print(implementation_check(args))
+    return
 
   passthrough = [f'--dtype={args.dtype}', f'--batch={args.batch}', f'--heads={args.heads}',
                  f'--head-dim={args.head_dim}', f'--radius={args.radius}',

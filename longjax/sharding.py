@@ -151,3 +151,35 @@ def constrain(x, names: Sequence[Optional[str]]):
     return x
   spec = logical_to_spec(names, x.shape, mesh, _context.rules)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def current_mesh() -> Optional[Mesh]:
+  """The mesh `axis_rules` activated, or None outside it."""
+  return _context.mesh
+
+
+def mesh_axis_size(axis: str) -> int:
+  """Size of mesh axis `axis` under the active `axis_rules` (1 outside them)."""
+  mesh = _context.mesh
+  return 1 if mesh is None else int(mesh.shape[axis])
+
+
+def per_shard(fn, args, names, outputs):
+  """Runs fn on each device's shard of args (shard_map), laid out by logical names.
+
+  For kernels with no partitioning rule (a pallas_call): under jit, GSPMD could
+  only replicate their operands, gathering the batch onto every device. args: a
+  tuple of arrays or None; names: each one's logical axis names (a name that
+  resolves to no mesh axis, or a None arg, stays whole); outputs: (names,
+  shape) of each output. Outside `axis_rules`, or on a one-device mesh, calls
+  fn(*args).
+  """
+  mesh = _context.mesh
+  if mesh is None or mesh.size == 1:
+    return fn(*args)
+  spec = lambda x, n: None if x is None else logical_to_spec(n, x.shape, mesh, _context.rules)
+  in_specs = tuple(spec(x, n) for x, n in zip(args, names))
+  out_specs = tuple(logical_to_spec(n, shape, mesh, _context.rules) for n, shape in outputs)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
+                       out_specs=out_specs if len(out_specs) > 1 else out_specs[0],
+                       check_vma=False)(*args)

@@ -10,6 +10,10 @@ parameters: models choose a kernel by name through this registry.
 
 `KINDS` lists the names; `spec(kind)` is the kind's one definition (see
 `spec.KindSpec`): its settings, implementations, decoding rule, cost and paper.
+`implementations` chooses between the XLA kernels, cuDNN, splash (TPU) and
+longjax's Pallas GPU kernel; on a CPU the Pallas kernels run interpreted:
+
+    attention.get('local')(q, k, v, radius=128, causal=False, implementation='splash')
 Each kind's module defines its `SPEC`; adding a kind is a module and one line
 here. `cached.attend` is the decode-time (single-query) attention.
 """
@@ -22,6 +26,7 @@ from longjax.attention import chunked as _chunked
 from longjax.attention import dot_product as _dot_product
 from longjax.attention import global_local as _global_local
 from longjax.attention import hierarchical as _hierarchical
+from longjax.attention import implementations
 from longjax.attention import local as _local
 from longjax.attention import multiresolution as _multiresolution
 from longjax.attention import transient_global as _transient_global
@@ -60,6 +65,7 @@ def get(kind: str) -> Callable:
 __all__ = [
     'CacheLayout', 'DEFAULT_KIND', 'KINDS', 'KeyGroup', 'KindSpec', 'PARAMS', 'Slots',
     'adaptive_span',
-    'chunked', 'dot_product', 'get', 'global_local', 'hierarchical', 'local', 'multiresolution',
+    'chunked', 'dot_product', 'get', 'global_local', 'hierarchical', 'implementations', 'local',
+    'multiresolution',
     'needed_radius', 'soft_mask', 'span_penalty', 'spec', 'transient_global',
 ]

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import _core, spec
+from longjax.attention import _core, implementations, spec
 from longjax.attention.local import (default_block, ring_length, window_group, window_part,
                                      window_visible)
 
@@ -80,7 +80,7 @@ def adaptive_span(q, k, v, *, spans, max_span: int, span_ramp: float = 32.0,
   max_span = _core.check_positive_int(max_span, name, 'max_span')
   if not span_ramp > 0:
     raise ValueError(f'{name}: span_ramp must be > 0; got {span_ramp!r}.')
-  _core.resolve_implementation(implementation, name, supported=SPEC.implementations)
+  implementations.choose(implementation, name, supported=SPEC.implementations)
   radius = max_span if radius is None else min(
       _core.check_positive_int(radius, name, 'radius'), max_span)
   spans = _clipped_spans(spans, max_span, dims.heads, name)

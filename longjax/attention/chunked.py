@@ -22,7 +22,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from longjax.attention import _core, spec
+from longjax.attention import _core, band, implementations, spec
 from longjax.attention.local import ring_length, window_group, window_part
 
 
@@ -50,7 +50,17 @@ def chunked(q, k, v, *, chunk_size: int, causal: bool = False, segment_ids=None,
   name = 'chunked'
   qh, kh, vh, segment_ids, _ = _core.self_attention_inputs(q, k, v, segment_ids, scale, name)
   chunk_size = _core.check_positive_int(chunk_size, name, 'chunk_size')
-  _core.resolve_implementation(implementation, name, supported=SPEC.implementations)
+  choice = implementations.choose(
+      implementation, name, supported=SPEC.implementations,
+      problems_found=implementations.problems(q, segment_ids=segment_ids, bias_fn=bias_fn))
+  if choice.name != 'xla':
+    # The fused kernels' band of chunk_size - 1 over (segment, chunk) ids: a
+    # chunk is a run of at most chunk_size tokens of one id.
+    ids = chunk_ids(jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids,
+                    chunk_size)
+    return band.output(choice, qh, kh, vh, left=chunk_size - 1,
+                       right=0 if causal else chunk_size - 1, causal=causal, segment_ids=ids,
+                       dtype=q.dtype)
   if segment_ids is None:  # chunks are the row's tiles
     part = window_part(qh, kh, vh, block=chunk_size, before=0, after=0, radius=None,
                        causal=causal, segment_ids=None, bias_fn=bias_fn)
@@ -74,4 +84,5 @@ def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
 
 SPEC = spec.KindSpec('chunked', chunked, ('chunk_size',), 'O(L c)',
                      'split, attend, concatenate baseline',
-                     cache_layout=cache_layout, decode_keys=decode_keys)
+                     cache_layout=cache_layout, decode_keys=decode_keys,
+                     implementations=('xla', 'splash', 'pallas_gpu'))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import _core, spec
+from longjax.attention import _core, band, implementations, spec
 from longjax.attention.local import window_group
 
 
@@ -29,13 +29,15 @@ def dot_product(q, k, v, *, causal: bool = False, segment_ids=None,
     kv_segment_ids: [batch, kv_len]; defaults to segment_ids when the lengths match.
     bias_fn: f(query_pos - key_pos) -> [..., heads] additive bias.
     scale: default 1/sqrt(head_dim).
-    implementation: 'xla', 'cudnn' or 'auto' (cuDNN on GPU when it applies).
+    implementation: 'auto', 'xla', 'cudnn', 'splash' (self-attention) or
+      'pallas_gpu'; see longjax.attention.implementations.
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype.
   """
   name = 'dot_product'
   batch, q_len, kv_len, _, kv_heads, dim = _core.check_qkv(q, k, v, name)
   segment_ids = _core.check_segment_ids(segment_ids, batch, q_len, name)
+  self_attention = q_len == kv_len and kv_segment_ids is None
   if kv_segment_ids is None and segment_ids is not None:
     if kv_len != q_len:
       raise ValueError(f'{name}: cross-attention with segment_ids also needs '
@@ -45,15 +47,25 @@ def dot_product(q, k, v, *, causal: bool = False, segment_ids=None,
                                            'kv_segment_ids')
   if (kv_segment_ids is None) != (segment_ids is None):
     raise ValueError(f'{name}: give both segment_ids and kv_segment_ids, or neither.')
-  ok, why = _core.cudnn_supports(q, segment_ids=segment_ids, bias_fn=bias_fn)
-  if causal and q_len != kv_len:
-    ok, why = False, 'causal cross-attention with different lengths'
-  if _core.resolve_implementation(implementation, name, supported=SPEC.implementations,
-                                  cudnn_ok=ok, why_not=why) == 'cudnn':
+  found = implementations.problems(
+      q, segment_ids=segment_ids, bias_fn=bias_fn, self_attention=self_attention,
+      extra={'cudnn': 'causal cross-attention with different lengths'
+             if causal and q_len != kv_len else ''})
+  choice = implementations.choose(implementation, name, supported=SPEC.implementations,
+                                  problems_found=found)
+  if choice.name == 'cudnn':
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                         implementation='cudnn')
+  qh = _core.scaled_queries(q, kv_heads, dim, scale)
+  if choice.name != 'xla':
+    kh, vh = _core.heads_major(k), _core.heads_major(v)
+    if self_attention:
+      return band.output(choice, qh, kh, vh, left=None, right=0 if causal else None,
+                         causal=causal, segment_ids=segment_ids, dtype=q.dtype)
+    return band.cross_output(choice, qh, kh, vh, causal=causal, segment_ids=segment_ids,
+                             kv_segment_ids=kv_segment_ids, dtype=q.dtype)
 
-  qh = _core.scaled_queries(q, kv_heads, dim, scale)[:, :, None]  # [b, hk, 1, g, lq, d]
+  qh = qh[:, :, None]  # [b, hk, 1, g, lq, d]
   kh, vh = (_core.heads_major(x)[:, :, None] for x in (k, v))      # [b, hk, 1, lk, d]
   rel = (np.arange(q_len)[:, None] + kv_len - q_len) - np.arange(kv_len)[None, :]
   mask = jnp.asarray(rel >= 0 if causal else np.ones_like(rel, bool))
@@ -80,4 +92,4 @@ def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
 
 SPEC = spec.KindSpec('full', dot_product, (), 'O(L^2)', 'Vaswani et al. 2017',
                      cache_layout=cache_layout, decode_keys=decode_keys,
-                     implementations=('xla', 'cudnn'))
+                     implementations=('xla', 'cudnn', 'splash', 'pallas_gpu'))

@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from longjax.attention import _core, spec
+from longjax.attention import _core, band, implementations, pallas_gpu, spec
 from longjax.attention.local import (default_block, ring_length, window_group, window_part,
                                      window_visible)
 
@@ -149,15 +149,25 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
   """
   name = 'global_local'
   qh, kh, vh, seg, dims = _core.self_attention_inputs(q, k, v, segment_ids, scale, name)
-  batch, length, kv_heads = dims.batch, dims.length, dims.kv_heads
+  batch, length = dims.batch, dims.length
   radius = _core.check_positive_int(radius, name, 'radius')
   num_global = _core.check_positive_int(num_global, name, 'num_global', minimum=0)
-  _core.resolve_implementation(implementation, name, supported=SPEC.implementations)
   if global_mask is not None and global_mask.shape != (batch, length):
     raise ValueError(f'{name}: global_mask must be [batch, length] = {(batch, length)}; '
                      f'got {global_mask.shape}.')
+  one_prefix = seg is None and global_mask is None
+  choice = implementations.choose(
+      implementation, name, supported=SPEC.implementations,
+      problems_found=implementations.problems(q, segment_ids=seg, bias_fn=bias_fn, extra={
+          'splash': '' if one_prefix or num_global == 0 else
+                    "splash's masks are static, and the global tokens of packed segments "
+                    'or marked tokens are not'}))
   tile = tile or default_block(radius)
+  right = 0 if causal else radius
   if num_global == 0:
+    if choice.name != 'xla':
+      return band.output(choice, qh, kh, vh, left=radius, right=right, causal=causal,
+                         segment_ids=seg, dtype=q.dtype)
     return _core.merge([window_part(qh, kh, vh, block=tile, before=1, after=0 if causal else 1,
                                     radius=radius, causal=causal, segment_ids=seg,
                                     bias_fn=bias_fn)], q.dtype)
@@ -170,44 +180,91 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
     gq, gk, gv, _, _ = _core.self_attention_inputs(*global_qkv, None, scale, name)
 
   found = find_globals(seg, global_mask, num_global=num_global, batch=batch, length=length)
+  if choice.name == 'splash':
+    # The window and the row's first num_global keys in one static mask.
+    out = band.output(choice, qh, kh, vh, left=radius, right=right, causal=causal,
+                      segment_ids=None, global_columns=num_global, dtype=q.dtype)
+  elif choice.name == 'pallas_gpu':
+    # The kernel takes the window and every global key in the key blocks it
+    # visits; the global keys beyond them come as a part of their own.
+    block, lo, hi = pallas_gpu.visited_key_blocks(length, length, dims.head_dim,
+                                                  pallas_gpu.Band(radius, right, causal))
+    window = band.part(choice, qh, kh, vh, left=radius, right=right, causal=causal,
+                       segment_ids=seg, key_global=found.is_global)
+    far = _global_keys_part(qh, kh, vh, found, seg, tile=block, causal=causal, bias_fn=None,
+                            one_prefix=one_prefix, visited=(lo * block, hi * block))
+    out = _core.merge([window, far], q.dtype)
+  else:
+    # 1. The window, without the global keys (they come in 2.).
+    window = window_part(qh, kh, vh, block=tile, before=1, after=0 if causal else 1,
+                         radius=radius, causal=causal, segment_ids=seg, bias_fn=bias_fn,
+                         key_exclude=found.is_global)
+    # 2. Each query tile against its slots' global keys.
+    out = _core.merge([window, _global_keys_part(qh, kh, vh, found, seg, tile=tile,
+                                                 causal=causal, bias_fn=bias_fn,
+                                                 one_prefix=one_prefix)], q.dtype)
+  rows = _global_rows(gq, gk, gv, found, seg, tile=tile, causal=causal, bias_fn=bias_fn,
+                      one_prefix=one_prefix)
+  return jnp.where(found.is_global[:, :, None, None], rows.astype(q.dtype), out)
+
+
+def _tiles(found: Globals, seg, *, tile: int, one_prefix: bool):
+  """Per tile of `tile` positions: its global slots (pos, valid [b, n, s]), their
+  segments, the tile's positions [1, n, T] and segments [b, n, T]."""
+  batch, length = found.is_global.shape
   n = -(-length // tile)
   padded = n * tile
-  # 1. The window, without the global keys (they come in 2.).
-  window = window_part(qh, kh, vh, block=tile, before=1, after=0 if causal else 1,
-                       radius=radius, causal=causal, segment_ids=seg, bias_fn=bias_fn,
-                       key_exclude=found.is_global)
-
-  pos, valid = _slots(found, tile=tile, n=n,
-                      one_prefix=seg is None and global_mask is None)  # [b, n, s]
+  pos, valid = _slots(found, tile=tile, n=n, one_prefix=one_prefix)
   seg_all = jnp.zeros((batch, length), jnp.int32) if seg is None else seg
   seg_slot = jnp.take_along_axis(seg_all, pos.reshape(batch, -1), 1).reshape(pos.shape)
-  tile_pos = jnp.arange(padded).reshape(n, tile)[None]  # [1, n, T]
+  tile_pos = jnp.arange(padded).reshape(n, tile)[None]
   seg_tile = _core.pad_axis(seg_all, 1, padded, value=-1).reshape(batch, n, tile)
+  return pos, valid, seg_slot, tile_pos, seg_tile
 
-  # 2. Each query tile against its slots' global keys: [T, s] tiles.
+
+def _global_keys_part(qh, kh, vh, found: Globals, seg, *, tile: int, causal: bool, bias_fn,
+                      one_prefix: bool, visited=None) -> _core.Part:
+  """Each query tile against its slots' global keys: [T, s] score tiles.
+
+  visited: (first [n], end [n]) key positions a kernel already covered for
+  each tile; the global keys among them are left out here.
+  """
+  batch, kv_heads, _, length, dim = qh.shape
+  pos, valid, seg_slot, tile_pos, seg_tile = _tiles(found, seg, tile=tile, one_prefix=one_prefix)
+  n = pos.shape[1]
   mask = valid[:, :, None, :] & (seg_tile[:, :, :, None] == seg_slot[:, :, None, :])
   rel = tile_pos[:, :, :, None] - pos[:, :, None, :]  # query - key
   if causal:
     mask = mask & (rel >= 0)
-  qb = jnp.swapaxes(_core.pad_axis(qh, 3, padded).reshape(
-      batch, kv_heads, -1, n, tile, dims.head_dim), 2, 3)  # [b, hk, n, g, T, d]
-  to_globals = _core.attend_blocks(
+  if visited is not None:
+    first, end = visited
+    outside = (pos < first[None, :, None]) | (pos >= end[None, :, None])
+    mask = mask & outside[:, :, None, :]
+  qb = jnp.swapaxes(_core.pad_axis(qh, 3, n * tile).reshape(
+      batch, kv_heads, -1, n, tile, dim), 2, 3)  # [b, hk, n, g, T, d]
+  part = _core.attend_blocks(
       qb, _gather(kh, pos, 2), _gather(vh, pos, 2), mask=mask[:, None, :, None],
       bias=None if bias_fn is None else _bias(bias_fn, rel, kv_heads))
-  out = _core.merge([window, _core.slice_part(to_globals, length)], q.dtype)
+  return _core.slice_part(part, length)
 
-  # 3. The slots' global queries against each key tile: [s, T] tiles, merged
-  # across tiles per global query by log-sum-exp.
+
+def _global_rows(gq, gk, gv, found: Globals, seg, *, tile: int, causal: bool, bias_fn,
+                 one_prefix: bool):
+  """The global queries' rows [b, l, heads, d] (zeros elsewhere): the slots' global
+  queries against each key tile ([s, T] tiles), merged across tiles per global
+  query by log-sum-exp."""
+  batch, kv_heads, _, length, _ = gq.shape
+  pos, valid, seg_slot, tile_pos, seg_tile = _tiles(found, seg, tile=tile, one_prefix=one_prefix)
+  n = pos.shape[1]
   mask = valid[:, :, :, None] & (seg_slot[:, :, :, None] == seg_tile[:, :, None, :])
   rel = pos[:, :, :, None] - tile_pos[:, :, None, :]
   if causal:
     mask = mask & (rel >= 0)
-  blocks = lambda x: _core.pad_axis(x, 2, padded).reshape(batch, kv_heads, n, tile, -1)
+  blocks = lambda x: _core.pad_axis(x, 2, n * tile).reshape(batch, kv_heads, n, tile, -1)
   queries = jnp.swapaxes(_gather(gq, pos, 3), 2, 3)  # [b, hk, n, g, s, d]
   part = _core.attend_blocks(queries, blocks(gk), blocks(gv), mask=mask[:, None, :, None],
                              bias=None if bias_fn is None else _bias(bias_fn, rel, kv_heads))
-  rows = _merge_by_position(part, pos, valid, length)
-  return jnp.where(found.is_global[:, :, None, None], rows.astype(q.dtype), out)
+  return _merge_by_position(part, pos, valid, length)
 
 
 def _merge_by_position(part: _core.Part, pos, valid, length):
@@ -261,4 +318,5 @@ SPEC = spec.KindSpec(
     'global_local', global_local, ('radius', 'num_global'), 'O(L (r + g))',
     'Longformer global attention (Beltagy et al. 2020); attention sinks (Xiao et al. 2023)',
     cache_layout=cache_layout, decode_keys=decode_keys, accepts_global_mask=True,
-    global_projections=True, decode_global_keys=decode_global_keys)
+    global_projections=True, decode_global_keys=decode_global_keys,
+    implementations=('xla', 'splash', 'pallas_gpu'))

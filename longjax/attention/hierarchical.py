@@ -102,7 +102,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import _core, spec
+from longjax.attention import _core, implementations, spec
 from longjax.attention.local import ring_length, window_group, window_part
 
 
@@ -395,7 +395,7 @@ def hierarchical(q, k, v, *, level0_block: int, causal: bool = False, segment_id
   level0_block = _core.check_positive_int(level0_block, name, 'level0_block', minimum=2)
   if level0_block % 2:
     raise ValueError(f'{name}: level0_block must be even (levels halve it); got {level0_block}.')
-  _core.resolve_implementation(implementation, name, supported=SPEC.implementations)
+  implementations.choose(implementation, name, supported=SPEC.implementations)
   b, length = level0_block, dims.length
   count = num_levels(length, b)
 

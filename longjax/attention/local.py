@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import _core, spec
+from longjax.attention import _core, band, implementations, spec
 
 # Smallest block used for tiny radii: very small tiles waste the matmul units
 # and give XLA thousands of tiny blocks.
@@ -124,21 +124,26 @@ def local(q, k, v, *, radius: int, causal: bool = False, segment_ids=None,
     segment_ids: [batch, length] ints; tokens attend only within their segment.
     bias_fn: optional position bias, f(query_pos - key_pos) -> [..., heads].
     scale: softmax scale, default 1/sqrt(head_dim).
-    implementation: 'xla' (blocked, everywhere), 'cudnn' (GPU fused kernel via
-      jax.nn.dot_product_attention(local_window_size=...)), or 'auto'.
-    tile: kernel tile length (>= radius); default max(radius, 16).
+    implementation: 'auto', 'xla' (blocked, everywhere), 'cudnn' (GPU, causal
+      only: jax.nn.dot_product_attention(local_window_size=(radius, 0))),
+      'splash' (TPU) or 'pallas_gpu' (GPU); see longjax.attention.implementations.
+    tile: the XLA kernel's tile length (>= radius); default max(radius, 16).
   Returns:
     [batch, length, heads, head_dim] in q's dtype.
   """
   name = 'local'
   qh, kh, vh, segment_ids, _ = _core.self_attention_inputs(q, k, v, segment_ids, scale, name)
   radius = _core.check_positive_int(radius, name, 'radius')
-  ok, why = _core.cudnn_supports(q, segment_ids=segment_ids, bias_fn=bias_fn)
-  if _core.resolve_implementation(implementation, name, supported=SPEC.implementations,
-                                  cudnn_ok=ok, why_not=why) == 'cudnn':
-    return jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=causal,
-        local_window_size=(radius, 0 if causal else radius), implementation='cudnn')
+  found = implementations.problems(q, segment_ids=segment_ids, bias_fn=bias_fn, extra={
+      'cudnn': '' if causal else 'cuDNN has only a left window (bidirectional local)'})
+  choice = implementations.choose(implementation, name, supported=SPEC.implementations,
+                                  problems_found=found)
+  if choice.name == 'cudnn':
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                        local_window_size=(radius, 0), implementation='cudnn')
+  if choice.name != 'xla':
+    return band.output(choice, qh, kh, vh, left=radius, right=0 if causal else radius,
+                       causal=causal, segment_ids=segment_ids, dtype=q.dtype)
   tile = tile or default_block(radius)
   if tile < radius:
     raise ValueError(f'{name}: tile ({tile}) must be >= radius ({radius}).')
@@ -179,4 +184,5 @@ def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
 SPEC = spec.KindSpec(
     'local', local, ('radius',), 'O(L r)',
     'Longformer sliding window (Beltagy et al. 2020); LongT5 local',
-    cache_layout=cache_layout, decode_keys=decode_keys, implementations=('xla', 'cudnn'))
+    cache_layout=cache_layout, decode_keys=decode_keys,
+    implementations=('xla', 'cudnn', 'splash', 'pallas_gpu'))

@@ -47,7 +47,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import _core, _pooling, spec
+from longjax.attention import _core, implementations, _pooling, spec
 from longjax.attention.hierarchical import level0_visible, levels_cache_layout, num_levels
 from longjax.attention.local import window_group, window_part
 
@@ -146,7 +146,7 @@ def multiresolution(q, k, v, *, level0_block: int, causal: bool = False, segment
   level0_block = _core.check_positive_int(level0_block, name, 'level0_block', minimum=2)
   if level0_block % 2:
     raise ValueError(f'{name}: level0_block must be even (levels halve it); got {level0_block}.')
-  _core.resolve_implementation(implementation, name, supported=SPEC.implementations)
+  implementations.choose(implementation, name, supported=SPEC.implementations)
 
   parts = [window_part(qh, kh, vh, block=level0_block, before=1, after=0 if causal else 1,
                        radius=None, causal=causal, segment_ids=segment_ids,

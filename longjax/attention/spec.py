@@ -6,7 +6,8 @@ A kind is defined once, in its own module, by its `SPEC`:
     `model.attention.<param>` that hold them (so a model passes
     `{p: getattr(config, p) for p in spec.params}` and never a kind name);
   * `implementations`, which implementations compute it exactly ('xla'
-    everywhere; 'cudnn' where jax's fused kernel applies);
+    everywhere; 'cudnn', 'splash', 'pallas_gpu' where those kernels apply; see
+    longjax.attention.implementations);
   * its decoding rule: `cache_layout(settings, max_length)`, how many cache
     slots of each sort a causal layer keeps, and `decode_keys(...)`, which of
     them a query at position t sees and with what bias or weight. Both are

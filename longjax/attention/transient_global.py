@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
 
-from longjax.attention import _core, spec
+from longjax.attention import _core, implementations, spec
 from longjax.attention.local import (default_block, ring_length, window_group, window_part,
                                      window_visible)
 
@@ -143,7 +143,7 @@ def transient_global(q, k, v, *, summary_k, summary_v, radius: int, summary_bloc
   batch, length, kv_heads = dims.batch, dims.length, dims.kv_heads
   radius = _core.check_positive_int(radius, name, 'radius')
   summary_block = _core.check_positive_int(summary_block, name, 'summary_block')
-  _core.resolve_implementation(implementation, name, supported=SPEC.implementations)
+  implementations.choose(implementation, name, supported=SPEC.implementations)
   slots = num_summaries(length, summary_block)
   expected = (batch, slots, kv_heads, dims.head_dim)
   if summary_k.shape != expected or summary_v.shape != expected:

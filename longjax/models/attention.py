@@ -276,8 +276,12 @@ class CrossAttention(_Projections):
     q = jnp.einsum('ble,ehd->blhd', x, self._w(self.wq))
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'kv'))
     k, v = memory
+    # Cross-attention is full attention whatever the self-attention kind: an
+    # implementation chosen for that kind applies here only if it computes this.
     implementation = self.config.attention.implementation
+    if implementation not in kernels.spec('full').implementations or implementation in (
+        'cudnn', 'splash'):  # neither takes packed cross-attention segments
+      implementation = 'auto'
     out = kernels.dot_product(q, k, v, segment_ids=segment_ids,
-                              kv_segment_ids=memory_segment_ids,
-                              implementation='auto' if implementation == 'cudnn' else implementation)
+                              kv_segment_ids=memory_segment_ids, implementation=implementation)
     return self.output(out)

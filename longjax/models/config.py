@@ -55,7 +55,7 @@ class AttentionConfig:
   span_ramp: float = 32.0  # adaptive_span: width R of the soft mask ramp.
   span_init: float = 0.0  # adaptive_span: initial span as a fraction of max_span (paper: 0).
   span_loss_coef: float = 2e-6  # adaptive_span: weight of the mean-span penalty in the loss.
-  implementation: str = 'auto'  # 'auto', 'xla' or 'cudnn' (GPU; kinds that list it).
+  implementation: str = 'auto'  # 'auto', 'xla', 'cudnn', 'splash' (TPU), 'pallas_gpu' (kinds that list it).
   layer_pattern: tuple[str, ...] = ()  # Per-layer kinds repeated over depth, e.g. local,local,full.
   decoder_kind: str = attention.DEFAULT_KIND  # encoder_decoder: the decoder's causal kind.
 
@@ -193,9 +193,14 @@ class ModelConfig:
            f'layers cannot restart positions in each chunk when model.attention.layer_pattern '
            f'mixes them with other kinds ({", ".join(sorted(layer_kinds))}); use '
            f"model.positions = 'rope' or 't5_bias', or make every layer chunked.")
-    if a.implementation not in ('auto', 'xla', 'cudnn'):
-      fail('attention.implementation', f"must be 'auto', 'xla' or 'cudnn'; got "
+    choices = attention.implementations.IMPLEMENTATIONS
+    if a.implementation not in choices:
+      fail('attention.implementation', f"must be one of {', '.join(map(repr, choices))}; got "
            f'{a.implementation!r}.')
+    if a.implementation in ('cudnn', 'splash', 'pallas_gpu') and self.positions == 't5_bias':
+      fail('attention.implementation', f"{a.implementation!r} has no position-bias input, "
+           "and model.positions = 't5_bias' adds one to every layer; use 'auto' (which "
+           "takes the XLA kernels for such layers) or model.positions = 'rope'.")
     lacking = sorted(s.name for s in specs if a.implementation != 'auto'
                      and a.implementation not in s.implementations)
     if lacking:

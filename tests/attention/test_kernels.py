@@ -210,9 +210,9 @@ def test_implementation_switch_on_cpu():
   xla = attention.local(q, k, v, radius=4, implementation='xla')
   np.testing.assert_array_equal(attention.local(q, k, v, radius=4, implementation='auto'), xla)
   if jax.default_backend() != 'gpu':
-    with pytest.raises(ValueError, match='needs a GPU'):
-      attention.local(q, k, v, radius=4, implementation='cudnn')
-  with pytest.raises(ValueError, match="one of 'auto', 'xla', 'cudnn'"):
+    with pytest.raises(ValueError, match="'cudnn' runs on GPUs"):
+      attention.local(q, k, v, radius=4, implementation='cudnn', causal=True)
+  with pytest.raises(ValueError, match="one of 'auto', 'xla', 'cudnn', 'splash', 'pallas_gpu'"):
     attention.dot_product(q, k, v, implementation='flash')
   # Kinds whose registry entry lists only 'xla' refuse 'cudnn' on any backend.
   with pytest.raises(ValueError, match="does not compute this kind"):
