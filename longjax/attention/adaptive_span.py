@@ -126,4 +126,5 @@ def decode_keys(settings, window: spec.Slots, pooled, t, *, spans) -> list:
 SPEC = spec.KindSpec(
     'adaptive_span', adaptive_span, ('max_span', 'span_ramp'), 'O(L S)',
     'Adaptive attention span (Sukhbaatar et al. 2019)',
-    cache_layout=cache_layout, decode_keys=decode_keys, learns_spans=True)
+    cache_layout=cache_layout, decode_keys=decode_keys, learns_spans=True,
+    tile=lambda settings: default_block(settings['max_span']))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 
 from longjax import sharding
@@ -58,6 +59,9 @@ def output(choice: Choice, qh, kh, vh, *, left: Optional[int], right: Optional[i
   """
   q = _flat_heads(qh)
   dtype = dtype or q.dtype
+  if sharding.mesh_axis_size('sequence') > 1:
+    return _token_major(_halo_output(choice, q, kh, vh, left=left, right=right, causal=causal,
+                                     segment_ids=segment_ids, dtype=dtype).astype(dtype))
   q_names, kv_names = _names(q, kh)
   if choice.name == 'splash':
     def run(q, k, v, segment_ids):
@@ -73,6 +77,65 @@ def output(choice: Choice, qh, kh, vh, *, left: Optional[int], right: Optional[i
                          segment_ids=segment_ids, kv_segment_ids=segment_ids, key_global=None,
                          out_dtype=dtype)
   return _token_major(out.astype(dtype))
+
+
+def _halo_output(choice, q, k, v, *, left, right, causal, segment_ids, dtype):
+  """The band kernel on a sequence-sharded input: each shard receives the last
+  `left` keys, values and segment ids of its left neighbour (and the first
+  `right` of its right one) by ppermute, and runs the kernel on its queries
+  against [left halo | own keys | right halo]. The backward is ppermute's
+  transpose: the halo's gradients travel back to the shard that owns them."""
+  if left is None or right is None:
+    raise ValueError('a sequence-sharded band needs a bounded window (left and right).')
+  n = sharding.mesh_axis_size('sequence')
+  q_names, kv_names = _names(q, k)
+  q_names, kv_names = q_names[:2] + ('length', None), kv_names[:2] + ('length', None)
+  if segment_ids is None:
+    segment_ids = jnp.zeros(q.shape[:1] + q.shape[2:3], jnp.int32)
+  shard_len = q.shape[2] // n
+  if q.shape[2] % n or max(left, right) > shard_len:
+    raise ValueError(
+        f'a sequence shard of {q.shape[2]} / mesh.sequence = {n} tokens must hold the window '
+        f'({left} left, {right} right): shorten the window or use fewer sequence shards.')
+
+  def shifted(x, amount, axis, direction):
+    """What shard i receives: x's last (direction +1) or first (-1) `amount`
+    positions on shard i - direction; zeros where there is no such shard."""
+    size = x.shape[axis]
+    piece = jax.lax.slice_in_dim(x, size - amount, size, axis=axis) if direction > 0 else \
+        jax.lax.slice_in_dim(x, 0, amount, axis=axis)
+    pairs = [(i, i + direction) for i in range(n) if 0 <= i + direction < n]
+    return jax.lax.ppermute(piece, 'sequence', pairs)
+
+  def halo(x, ids, amount, direction, axis):
+    """(x's halo, its segment ids): padding ids where there is no neighbour."""
+    exists = shifted(jnp.ones(ids.shape[:1] + (amount,), jnp.int32), amount, 1, direction) > 0
+    halo_ids = jnp.where(exists, shifted(ids, amount, 1, direction),
+                         jnp.iinfo(jnp.int32).min + 2)
+    return [shifted(y, amount, axis, direction) for y in x], halo_ids
+
+  def run(q, k, v, ids):
+    keys, values, kv_ids = [k], [v], [ids]
+    if left:
+      (k_left, v_left), ids_left = halo((k, v), ids, left, 1, 2)
+      keys.insert(0, k_left), values.insert(0, v_left), kv_ids.insert(0, ids_left)
+    if right:
+      (k_right, v_right), ids_right = halo((k, v), ids, right, -1, 2)
+      keys.append(k_right), values.append(v_right), kv_ids.append(ids_right)
+    keys, values = jnp.concatenate(keys, 2), jnp.concatenate(values, 2)
+    kv_ids = jnp.concatenate(kv_ids, 1)
+    if choice.name == 'splash':
+      return splash.attend(q, keys, values, left=left, right=right, causal=causal,
+                           segment_ids=ids, kv_segment_ids=kv_ids, offset=left,
+                           interpret=choice.interpret)
+    out, _ = pallas_gpu.attend(q, keys, values, band=pallas_gpu.Band(left, right, causal, left),
+                               segment_ids=ids, kv_segment_ids=kv_ids, out_dtype=dtype,
+                               interpret=choice.interpret)
+    return out
+
+  return sharding.per_shard(run, (q, k, v, segment_ids),
+                            (q_names, kv_names, kv_names, ('batch', 'length')),
+                            [(q_names, q.shape)])
 
 
 def cross_output(choice: Choice, qh, kh, vh, *, causal: bool, segment_ids=None,

@@ -52,7 +52,8 @@ def chunked(q, k, v, *, chunk_size: int, causal: bool = False, segment_ids=None,
   chunk_size = _core.check_positive_int(chunk_size, name, 'chunk_size')
   choice = implementations.choose(
       implementation, name, supported=SPEC.implementations,
-      problems_found=implementations.problems(q, segment_ids=segment_ids, bias_fn=bias_fn))
+      problems_found=implementations.problems(q, segment_ids=segment_ids, bias_fn=bias_fn,
+                                              window=chunk_size - 1))
   if choice.name != 'xla':
     # The fused kernels' band of chunk_size - 1 over (segment, chunk) ids: a
     # chunk is a run of at most chunk_size tokens of one id.
@@ -85,4 +86,5 @@ def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
 SPEC = spec.KindSpec('chunked', chunked, ('chunk_size',), 'O(L c)',
                      'split, attend, concatenate baseline',
                      cache_layout=cache_layout, decode_keys=decode_keys,
-                     implementations=('xla', 'splash', 'pallas_gpu'))
+                     implementations=('xla', 'splash', 'pallas_gpu'),
+                     tile=lambda settings: settings['chunk_size'])

@@ -2,6 +2,12 @@
 
 O(q_len * kv_len) time and memory. Also the cross-attention of the
 encoder-decoder (query and key lengths differ).
+
+Sequence-sharded self-attention (mesh.sequence >= RING_FROM_SHARDS, no
+position bias, implementation 'auto') runs as ring attention
+(longjax.attention.ring): the same bytes as GSPMD's all-gather of K and V in
+the forward pass, but no device holds more than two shards' keys, and the
+steps overlap with compute. implementation='xla' keeps GSPMD's all-gather.
 """
 from __future__ import annotations
 
@@ -9,10 +15,15 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from longjax.attention import _core, band, implementations, spec
+from longjax import sharding
+from longjax.attention import _core, band, implementations, ring, spec
 from longjax.attention.local import window_group
+
+# From this many sequence shards on, 'auto' passes keys around a ring instead of
+# letting GSPMD gather them: the all-gathered K and V grow to the whole sequence
+# on every device, the ring's stay at two shards.
+RING_FROM_SHARDS = 4
 
 
 def dot_product(q, k, v, *, causal: bool = False, segment_ids=None,
@@ -65,10 +76,19 @@ def dot_product(q, k, v, *, causal: bool = False, segment_ids=None,
     return band.cross_output(choice, qh, kh, vh, causal=causal, segment_ids=segment_ids,
                              kv_segment_ids=kv_segment_ids, dtype=q.dtype)
 
+  if (implementation == 'auto' and self_attention and bias_fn is None
+      and sharding.mesh_axis_size('sequence') >= RING_FROM_SHARDS
+      and q_len % sharding.mesh_axis_size('sequence') == 0):
+    return ring.ring_attention(qh, _core.heads_major(k), _core.heads_major(v), causal=causal,
+                               segment_ids=segment_ids).astype(q.dtype)
+
   qh = qh[:, :, None]  # [b, hk, 1, g, lq, d]
   kh, vh = (_core.heads_major(x)[:, :, None] for x in (k, v))      # [b, hk, 1, lk, d]
-  rel = (np.arange(q_len)[:, None] + kv_len - q_len) - np.arange(kv_len)[None, :]
-  mask = jnp.asarray(rel >= 0 if causal else np.ones_like(rel, bool))
+  # In-graph iotas, not a numpy [q_len, kv_len] constant: at 64k that constant
+  # alone was 32 GiB at trace time.
+  rel = (jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 0) + (kv_len - q_len)
+         - jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 1))
+  mask = rel >= 0 if causal else jnp.ones((1, 1), bool)
   if segment_ids is not None:
     same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     mask = mask & same[:, None, None, None]

@@ -158,10 +158,11 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
   one_prefix = seg is None and global_mask is None
   choice = implementations.choose(
       implementation, name, supported=SPEC.implementations,
-      problems_found=implementations.problems(q, segment_ids=seg, bias_fn=bias_fn, extra={
-          'splash': '' if one_prefix or num_global == 0 else
-                    "splash's masks are static, and the global tokens of packed segments "
-                    'or marked tokens are not'}))
+      problems_found=implementations.problems(
+          q, segment_ids=seg, bias_fn=bias_fn, window=radius if num_global == 0 else None,
+          extra={'splash': '' if one_prefix or num_global == 0 else
+                           "splash's masks are static, and the global tokens of packed "
+                           'segments or marked tokens are not'}))
   tile = tile or default_block(radius)
   right = 0 if causal else radius
   if num_global == 0:
@@ -319,4 +320,5 @@ SPEC = spec.KindSpec(
     'Longformer global attention (Beltagy et al. 2020); attention sinks (Xiao et al. 2023)',
     cache_layout=cache_layout, decode_keys=decode_keys, accepts_global_mask=True,
     global_projections=True, decode_global_keys=decode_global_keys,
-    implementations=('xla', 'splash', 'pallas_gpu'))
+    implementations=('xla', 'splash', 'pallas_gpu'),
+    tile=lambda settings: default_block(settings['radius']))

@@ -446,4 +446,5 @@ def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
 
 SPEC = spec.KindSpec(
     'hierarchical', hierarchical, ('level0_block',), 'O(L b)',
-    'H-Transformer-1D (Zhu & Soricut 2021)', cache_layout=cache_layout, decode_keys=decode_keys)
+    'H-Transformer-1D (Zhu & Soricut 2021)', cache_layout=cache_layout, decode_keys=decode_keys,
+    tile=lambda settings: settings['level0_block'])

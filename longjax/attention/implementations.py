@@ -90,9 +90,15 @@ def _cudnn_head_dim_cap() -> int:
 
 
 def problems(q, *, segment_ids, bias_fn, self_attention: bool = True,
-             extra: Optional[dict] = None) -> dict[str, str]:
+             window: Optional[int] = None, extra: Optional[dict] = None) -> dict[str, str]:
   """{implementation: why it cannot compute this call} for the kernels that
-  share the band-mask conditions; kinds add their own through `extra`."""
+  share the band-mask conditions; kinds add their own through `extra`.
+
+  window: how far a query reaches (a band's larger side), for kinds whose
+  splash and pallas_gpu calls run on a sequence-sharded input by exchanging
+  that many keys with each neighbouring shard (band._halo_output); None: the
+  call needs whole sequences.
+  """
   found = {}
   sequence_shards = sharding.mesh_axis_size('sequence')
   fused = ('cudnn', 'splash', 'pallas_gpu')
@@ -100,9 +106,14 @@ def problems(q, *, segment_ids, bias_fn, self_attention: bool = True,
     for name in fused:
       found[name] = 'a position bias (t5_bias) is not an input of the fused kernels'
   if sequence_shards > 1:
+    shard = q.shape[1] // sequence_shards
+    halo_fits = window is not None and window <= shard and q.shape[1] % sequence_shards == 0
     for name in fused:
-      found.setdefault(name, f'the input is sharded over mesh.sequence = {sequence_shards} '
-                             '(the fused kernels need whole sequences per device)')
+      if name == 'cudnn' or not halo_fits:
+        found.setdefault(name, f'the input is sharded over mesh.sequence = {sequence_shards} '
+                               + ('(cuDNN refuses a sharded sequence)' if name == 'cudnn' else
+                                  '(this call needs whole sequences, or a window longer '
+                                  f'than a shard of {shard} tokens)'))
   if segment_ids is not None:
     found.setdefault('cudnn', "segment ids need a dense mask in jax's cuDNN API")
   if q.dtype not in (jnp.bfloat16, jnp.float16):

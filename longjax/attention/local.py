@@ -134,8 +134,9 @@ def local(q, k, v, *, radius: int, causal: bool = False, segment_ids=None,
   name = 'local'
   qh, kh, vh, segment_ids, _ = _core.self_attention_inputs(q, k, v, segment_ids, scale, name)
   radius = _core.check_positive_int(radius, name, 'radius')
-  found = implementations.problems(q, segment_ids=segment_ids, bias_fn=bias_fn, extra={
-      'cudnn': '' if causal else 'cuDNN has only a left window (bidirectional local)'})
+  found = implementations.problems(
+      q, segment_ids=segment_ids, bias_fn=bias_fn, window=radius,
+      extra={'cudnn': '' if causal else 'cuDNN has only a left window (bidirectional local)'})
   choice = implementations.choose(implementation, name, supported=SPEC.implementations,
                                   problems_found=found)
   if choice.name == 'cudnn':
@@ -185,4 +186,5 @@ SPEC = spec.KindSpec(
     'local', local, ('radius',), 'O(L r)',
     'Longformer sliding window (Beltagy et al. 2020); LongT5 local',
     cache_layout=cache_layout, decode_keys=decode_keys,
-    implementations=('xla', 'cudnn', 'splash', 'pallas_gpu'))
+    implementations=('xla', 'cudnn', 'splash', 'pallas_gpu'),
+    tile=lambda settings: default_block(settings['radius']))

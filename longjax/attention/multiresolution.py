@@ -182,4 +182,5 @@ def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
 SPEC = spec.KindSpec(
     'multiresolution', multiresolution, ('level0_block',), 'O(L b log(L/b))',
     'longjax variant of H-Transformer-1D (Zhu & Soricut 2021) with exact per-token queries',
-    cache_layout=cache_layout, decode_keys=decode_keys, segment_aligned=False)
+    cache_layout=cache_layout, decode_keys=decode_keys, segment_aligned=False,
+    tile=lambda settings: settings['level0_block'])

@@ -164,6 +164,10 @@ class KindSpec:
   # alone. False: aligned to the row, exact only for a row's first segment, so
   # runs refuse packed LM data (config.dataset.pack).
   segment_aligned: bool = True
+  # The kernel's tile along the sequence, tile(settings) -> int (None: no
+  # tiling). A sequence-sharded input must give each shard whole tiles, so that
+  # a tile's neighbours are whole blocks of the next shard (config validation).
+  tile: Optional[Callable[[Mapping], int]] = None
 
   def settings(self, values) -> dict:
     """This kind's settings from any object (a typed config) or mapping holding them."""

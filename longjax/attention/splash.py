@@ -26,6 +26,7 @@ What differs from longjax's kernels, and how this module bridges it:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -39,15 +40,18 @@ GRANULE = 128
 
 
 class BandMask(mask_lib._ComputableMask):  # pylint: disable=protected-access
-  """Query i sees key j iff -right <= i - j <= left, or j < global_columns (and j <= i
-  when causal). Hashable; classified block by block without materialising."""
+  """Query i sees key j iff -right <= rel <= left with rel = i + offset - j, or j <
+  global_columns (and rel >= 0 when causal). Hashable; classified block by block
+  without materialising. offset: query i sits at key position i + offset (a
+  sequence shard's queries against [left halo | own keys | right halo])."""
 
   def __init__(self, shape, *, left: Optional[int], right: Optional[int], causal: bool,
-               global_columns: int = 0):
+               global_columns: int = 0, offset: int = 0):
     self.left, self.right, self.causal, self.global_columns = left, right, causal, global_columns
+    self.offset = offset
 
     def visible(q_ids, kv_ids):  # numpy while classifying, jax in the kernel
-      rel = q_ids - kv_ids
+      rel = q_ids + offset - kv_ids
       near = (rel >= 0) | (rel < 0)
       if left is not None:
         near = near & (rel <= left)
@@ -69,7 +73,7 @@ class BandMask(mask_lib._ComputableMask):  # pylint: disable=protected-access
     q_slice, kv_slice = idx
     q0, q1 = q_slice.start or 0, q_slice.stop or self.shape[0]
     k0, k1 = kv_slice.start or 0, kv_slice.stop or self.shape[1]
-    lowest, highest = q0 - (k1 - 1), (q1 - 1) - k0
+    lowest, highest = q0 + self.offset - (k1 - 1), (q1 - 1) + self.offset - k0
     if self._window_holds(lowest) and self._window_holds(highest):
       return np.ones((1, 1), bool)  # the window is convex in rel: the whole block
     outside = ((self.left is not None and lowest > self.left) or
@@ -86,7 +90,7 @@ class BandMask(mask_lib._ComputableMask):  # pylint: disable=protected-access
     return hash(self._key())
 
   def _key(self):
-    return (self.shape, self.left, self.right, self.causal, self.global_columns)
+    return (self.shape, self.left, self.right, self.causal, self.global_columns, self.offset)
 
 
 def block_size(length: int) -> int:
@@ -111,30 +115,39 @@ def _kernel(mask: BandMask, heads: int, block: int, interpret: bool):
 
 
 def attend(q, k, v, *, left: Optional[int], right: Optional[int], causal: bool,
-           segment_ids=None, global_columns: int = 0, interpret: bool = False):
-  """Splash attention, heads-major, queries already scaled (self-attention).
+           segment_ids=None, kv_segment_ids=None, global_columns: int = 0, offset: int = 0,
+           interpret: bool = False):
+  """Splash attention, heads-major, queries already scaled.
 
-  q: [b, heads, l, d]; k, v: [b, kv_heads, l, d]; segment_ids [b, l] or None.
-  Returns [b, heads, l, d] in q's dtype.
+  q: [b, heads, q_len, d]; k, v: [b, kv_heads, kv_len, d]; segment_ids [b, q_len]
+  (and kv_segment_ids [b, kv_len], default segment_ids) or None. Self-attention
+  (offset 0, equal lengths), or a sequence shard's queries at key positions
+  i + offset. Every query must see at least one key (module doc).
+  Returns [b, heads, q_len, d] in q's dtype.
   """
-  batch, heads, length, _ = q.shape
-  padded = -(-length // GRANULE) * GRANULE
-  if padded != length:
-    real = jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids
-    # Padding is a segment of its own (it sees itself; no real token sees it).
-    segment_ids = jnp.pad(real.astype(jnp.int32), ((0, 0), (0, padded - length)),
-                          constant_values=jnp.iinfo(jnp.int32).min)
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, padded - length), (0, 0)))
-    q, k, v = pad(q), pad(k), pad(v)
-  mask = BandMask((padded, padded), left=left, right=right, causal=causal,
-                  global_columns=global_columns)
-  kernel = _kernel(mask, heads, block_size(padded), bool(interpret))
+  batch, heads, q_len, _ = q.shape
+  kv_len = k.shape[2]
+  if kv_segment_ids is None:
+    kv_segment_ids = segment_ids
+  q_pad, kv_pad = (-(-n // GRANULE) * GRANULE for n in (q_len, kv_len))
+  if (q_pad, kv_pad) != (q_len, kv_len):
+    # Padding is a segment of its own (padded queries see padded keys; no real
+    # token sees them).
+    pad_ids = lambda ids, n, padded: jnp.pad(
+        (jnp.zeros((batch, n), jnp.int32) if ids is None else ids.astype(jnp.int32)),
+        ((0, 0), (0, padded - n)), constant_values=jnp.iinfo(jnp.int32).min)
+    segment_ids = pad_ids(segment_ids, q_len, q_pad)
+    kv_segment_ids = pad_ids(kv_segment_ids, kv_len, kv_pad)
+    pad = lambda x, padded: jnp.pad(x, ((0, 0), (0, 0), (0, padded - x.shape[2]), (0, 0)))
+    q, k, v = pad(q, q_pad), pad(k, kv_pad), pad(v, kv_pad)
+  mask = BandMask((q_pad, kv_pad), left=left, right=right, causal=causal,
+                  global_columns=global_columns, offset=offset)
+  kernel = _kernel(mask, heads, math.gcd(block_size(q_pad), block_size(kv_pad)), bool(interpret))
   if segment_ids is None:
     # (A lambda, not vmap(kernel): vmapping the kernel pytree itself makes its
     # mask tables arguments, which jax.export then miscounts.)
     out = jax.vmap(lambda q, k, v: kernel(q, k, v))(q, k, v)
   else:
-    ids = segment_ids.astype(jnp.int32)
-    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash_lib.SegmentIds(q=s, kv=s)))(
-        q, k, v, ids)
-  return out[:, :, :length]
+    out = jax.vmap(lambda q, k, v, s, t: kernel(q, k, v, splash_lib.SegmentIds(q=s, kv=t)))(
+        q, k, v, segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
+  return out[:, :, :q_len]

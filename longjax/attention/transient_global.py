@@ -36,6 +36,7 @@ a length^2 / summary_block term for the summaries, as in LongT5.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
@@ -201,4 +202,5 @@ def decode_keys(settings, window: spec.Slots, pooled, t, *, summary_bias_fn=None
 SPEC = spec.KindSpec(
     'transient_global', transient_global, ('radius', 'summary_block'), 'O(L (r + L/k))',
     'LongT5 TGlobal (Guo et al. 2022)', cache_layout=cache_layout, decode_keys=decode_keys,
-    summary_layout=summary_layout)
+    summary_layout=summary_layout,
+    tile=lambda settings: math.lcm(default_block(settings['radius']), settings['summary_block']))

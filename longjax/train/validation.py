@@ -121,6 +121,8 @@ def validate_config(config, *, mesh_shape: Mapping[str, int],
 
   if model_config is not None and data_config is not None:
     errors.extend(_model_and_data_disagree(model_config, data_config))
+  if model_config is not None:
+    errors.extend(_sequence_shards_problems(config, model_config, mesh_shape))
 
   if errors:
     # The data layer checks some top-level fields too (seq_len, batch_size), in
@@ -132,6 +134,37 @@ def validate_config(config, *, mesh_shape: Mapping[str, int],
       loop=run_config_lib.LoopConfig.from_config(config), decode=decode_settings,
       mesh_shape={axis: int(size) for axis, size in mesh_shape.items()},
       axis_rules=sharding.rules_from_config(config.axis_rules))
+
+
+def _sequence_shards_problems(config, model_config: models.ModelConfig,
+                              mesh_shape: Mapping[str, int]) -> list[str]:
+  """With config.mesh.sequence = n > 1 every length is split into n shards, and
+  each shard must hold whole kernel tiles: a tile's neighbours are then whole
+  blocks of the next shard, and GSPMD moves just that halo."""
+  shards = int(mesh_shape.get('sequence', 1))
+  if shards <= 1:
+    return []
+  found = []
+  lengths = {'seq_len': config.seq_len}
+  if config.eval_seq_len not in (-1, config.seq_len):
+    lengths['eval_seq_len'] = config.eval_seq_len
+  for field, length in lengths.items():
+    if length % shards:
+      found.append(f'config.{field} = {length}: not divisible by config.mesh.sequence = '
+                   f'{shards}, which splits it into equal shards.')
+      continue
+    for kind in sorted(model_config.attention_kinds()):
+      spec = attention.spec(kind)
+      if spec.tile is None:
+        continue
+      tile = spec.tile(spec.settings(model_config.attention))
+      if (length // shards) % tile:
+        found.append(
+            f'config.{field} = {length}: each of the config.mesh.sequence = {shards} shards '
+            f'holds {length // shards} tokens, not a multiple of the {kind} kernel\'s tile of '
+            f'{tile} tokens; make config.{field} a multiple of {shards * tile} or change '
+            f'config.mesh.sequence.')
+  return found
 
 
 def _model_and_data_disagree(model_config: models.ModelConfig,

@@ -1,0 +1,266 @@
+"""Sequence parallelism (config.mesh.sequence > 1) on 8 CPU devices, in subprocesses.
+
+  * every kind, causal and bidirectional, on meshes sequence=8, data=2 x
+    sequence=4 and fsdp=2 x sequence=2 x tensor=2: the output and every
+    gradient of a sequence-sharded call equal one device's (to 1e-5 of their
+    largest entry);
+  * what moves is asserted from the compiled HLO: local attention's
+    collectives carry at most 1.25x the halo minimum (2 x radius x kv_heads x
+    head_dim x 4 bytes per direction), at 8 shards and at 4; full attention
+    passes one shard's keys around a ring and gathers nothing; the accelerator
+    kernels (interpreted) exchange the same halos;
+  * a sequence-sharded model generates what one device generates;
+  * a sequence length that splits into partial kernel tiles is refused when
+    the config is validated.
+"""
+import json
+import textwrap
+
+import pytest
+
+from longjax.train import validation
+from tests.train import train_testing
+
+# Inputs and placement the subprocess scripts share.
+COMMON = textwrap.dedent('''
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding
+    from benchmarks import collectives
+    from longjax import attention, sharding
+
+    assert jax.device_count() == 8
+    L, H, HK, D = 512, 4, 2, 16
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, L, H, D)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, L, HK, D)), jnp.float32) for _ in range(2))
+    seg = np.ones((2, L), np.int32); seg[0, 120:] = 2; seg[0, 131:] = 3; seg[0, 330:] = 4
+    seg[1, 450:] = 0
+    seg = jnp.asarray(seg)
+    cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def mesh_of(mesh_sizes):
+        sizes = dict(dict(data=1, fsdp=1, tensor=1, sequence=1), **mesh_sizes)
+        count = int(np.prod(list(sizes.values())))
+        return sharding.make_mesh(sizes, devices=jax.devices()[:count])
+
+    def placed(mesh):
+        """q, k, v and the segment ids laid out by their logical names on mesh."""
+        place = lambda x, names: jax.device_put(x, NamedSharding(
+            mesh, sharding.logical_to_spec(names, x.shape, mesh)))
+        args = (place(q, ('batch', 'length', 'heads', 'kv')),
+                place(k, ('batch', 'length', 'kv_heads', 'kv')),
+                place(v, ('batch', 'length', 'kv_heads', 'kv')), place(seg, ('batch', 'length')))
+        assert 'sequence' in str(args[0].sharding.spec[1]), args[0].sharding
+        return args
+''')
+
+EQUALITY = COMMON + textwrap.dedent('''
+    kinds = dict(full={}, local=dict(radius=32), chunked=dict(chunk_size=32),
+                 global_local=dict(radius=32, num_global=4),
+                 transient_global=dict(radius=32, summary_block=16,
+                                       summary_k=k[:, :32], summary_v=v[:, :32]),
+                 hierarchical=dict(level0_block=16), multiresolution=dict(level0_block=16),
+                 adaptive_span=dict(max_span=32, span_ramp=8.0,
+                                    spans=jnp.asarray([0.0, 5.0, 17.0, 32.0])))
+    worst = {}
+    for mesh_sizes in json.loads(sys.argv[1]):
+        mesh = mesh_of(mesh_sizes)
+        args = placed(mesh)
+        for kind, settings in kinds.items():
+            for causal in (False, True):
+                forward = jax.jit(lambda q, k, v, s: attention.get(kind)(
+                    q, k, v, causal=causal, segment_ids=s, **settings))
+                loss = lambda q, k, v, s: jnp.sum(forward(q, k, v, s) * cot)
+                grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+                want = (forward(q, k, v, seg),) + grad(q, k, v, seg)
+                with sharding.axis_rules(mesh):
+                    got = (forward(*args),) + grad(*args)
+                # The output and every gradient, each to 1e-5 of its largest entry.
+                name = f'{kind} causal={causal} {mesh_sizes}'
+                error = max(float(jnp.max(jnp.abs(a - b)) / max(1.0, jnp.max(jnp.abs(b))))
+                            for a, b in zip(got, want))
+                worst[name] = error
+                assert error < 1e-5, (name, error)
+    print('EQUAL ' + json.dumps(worst))
+''')
+
+HALO = textwrap.dedent('''
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from benchmarks import collectives
+    from longjax import attention, sharding
+
+    L, R, HK, D = 16384, 128, 2, 64
+    out = {}
+    for n in (8, 4):
+        mesh = Mesh(np.array(jax.devices()[:n]), ('sequence',))
+        rows = NamedSharding(mesh, P(None, 'sequence', None, None))
+        q = jax.ShapeDtypeStruct((1, L, 4, D), jnp.float32, sharding=rows)
+        kv = jax.ShapeDtypeStruct((1, L, HK, D), jnp.float32, sharding=rows)
+        seg = jax.ShapeDtypeStruct((1, L), jnp.int32,
+                                   sharding=NamedSharding(mesh, P(None, 'sequence')))
+        for causal in (False, True):
+            f = lambda q, k, v, s: attention.local(q, k, v, radius=R, causal=causal,
+                                                   segment_ids=s, implementation='xla')
+            g = jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2))
+            for mode, fn in (('fwd', f), ('fwd+bwd', g)):
+                text = jax.jit(fn).lower(q, kv, kv, seg).compile().as_text()
+                out[f'{n} {causal} {mode}'] = dict(bytes=collectives.total_bytes(text),
+                                                    ops=sorted(collectives.summary(text)))
+        # Full attention: a ring, nothing gathered.
+        full_mesh = Mesh(np.array(jax.devices()[:n]).reshape(1, 1, 1, n), sharding.MESH_AXES)
+        rows = NamedSharding(full_mesh, P(None, 'sequence', None, None))
+        shape = lambda h: jax.ShapeDtypeStruct((1, 4096, h, D), jnp.float32, sharding=rows)
+        ids = jax.ShapeDtypeStruct((1, 4096), jnp.int32,
+                                   sharding=NamedSharding(full_mesh, P(None, 'sequence')))
+        for causal in (False, True):
+            f = lambda q, k, v, s: attention.dot_product(q, k, v, causal=causal, segment_ids=s)
+            g = jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2))
+            with sharding.axis_rules(full_mesh):
+                text = jax.jit(g).lower(shape(4), shape(HK), shape(HK), ids).compile().as_text()
+            out[f'ring {n} {causal}'] = dict(longest=collectives.largest_axis(text),
+                                             ops=sorted(collectives.summary(text)))
+    print('HALO ' + json.dumps(out))
+''')
+
+KERNEL_HALO = COMMON + textwrap.dedent('''
+    R = 24
+    out = {}
+    for mesh_sizes in ({'sequence': 4}, {'data': 2, 'sequence': 4}):
+        mesh = mesh_of(mesh_sizes)
+        args = placed(mesh)
+        for kind, settings in (('local', dict(radius=R)), ('chunked', dict(chunk_size=R))):
+            for implementation in ('pallas_gpu', 'splash'):
+                for causal in (False, True):
+                    def loss(q, k, v, s, implementation=implementation):
+                        o = attention.get(kind)(q, k, v, causal=causal, segment_ids=s,
+                                                implementation=implementation, **settings)
+                        return jnp.sum(o * cot)
+                    reference = lambda q, k, v, s: loss(q, k, v, s, 'xla')
+                    want = jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2)))(
+                        q, k, v, seg)
+                    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+                    with sharding.axis_rules(mesh):
+                        got = grad(*args)
+                        text = grad.lower(*args).compile().as_text()
+                    error = max(float(jnp.max(jnp.abs(a - b)))
+                                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+                    name = f'{kind} {implementation} causal={causal} {mesh_sizes}'
+                    assert error < 2e-5 * max(1.0, abs(float(want[0]))), (name, error)
+                    out[name] = dict(kind=kind, causal=causal, batch=2 // mesh.shape['data'],
+                                     error=error, bytes=collectives.total_bytes(text),
+                                     moved=collectives.summary(text))
+    print('KERNEL HALO ' + json.dumps(out))
+''')
+
+DECODE = textwrap.dedent('''
+    import jax
+    import numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from longjax import decode, sharding
+    from tests.decode import helpers
+
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, sequence=4),
+                              devices=jax.devices()[:4])
+
+    def place(params):
+        def put(var):
+            spec = sharding.logical_to_spec(var.get_metadata()['logical_axes'], var.shape, mesh)
+            return var.replace(jax.device_put(var[...], NamedSharding(mesh, spec)))
+        return jax.tree.map(put, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    for kind in ('full', 'local', 'global_local'):
+        graphdef, params = helpers.split(helpers.build(helpers.tiny(kind)))
+        prompt, lengths = helpers.tokens(0, (4, 16)), np.array([16, 9, 5, 1])
+        settings = decode.DecodeSettings(max_decode_len=10, beam_size=2, eos_id=None)
+        alone = decode.generate(graphdef, params, prompt, lengths, settings=settings)
+        spread = decode.generate(graphdef, place(params), prompt, lengths, settings=settings,
+                                 mesh=mesh)
+        np.testing.assert_array_equal(spread.tokens, alone.tokens)
+    print('DECODE OK')
+''')
+
+MESHES = [{'sequence': 8}, {'data': 2, 'sequence': 4}, {'fsdp': 2, 'sequence': 2, 'tensor': 2}]
+
+
+def _run(script, *args):
+  result = train_testing.run_python(['-c', script, *args], env=train_testing.subprocess_env(8),
+                                    timeout=1200)
+  return result.stdout
+
+
+@pytest.mark.slow
+def test_every_kind_sequence_sharded_equals_one_device():
+  stdout = _run(EQUALITY, json.dumps(MESHES))
+  line, = [l for l in stdout.splitlines() if l.startswith('EQUAL ')]
+  errors = json.loads(line[len('EQUAL '):])
+  assert len(errors) == 8 * 2 * len(MESHES)
+
+
+@pytest.mark.slow
+def test_local_attention_moves_only_its_halo():
+  stdout = _run(HALO)
+  line, = [l for l in stdout.splitlines() if l.startswith('HALO ')]
+  measured = json.loads(line[len('HALO '):])
+  radius, kv_heads, head_dim = 128, 2, 64
+  for key in [k for k in measured if k.startswith('ring ')]:
+    found = measured.pop(key)
+    shards = int(key.split(' ')[1])
+    assert 'all-gather' not in found['ops'], (key, found)
+    assert found['longest'] <= 4096 // shards, (key, found)  # one shard's keys at a time
+  for key, found in measured.items():
+    shards, causal, mode = key.split(' ')
+    directions = 1 if causal == 'True' else 2
+    halo = 2 * radius * kv_heads * head_dim * 4 * directions  # K and V, f32
+    if mode == 'fwd+bwd':
+      halo *= 2  # the halo's gradients go back to their shard
+    assert found['ops'] == ['collective-permute'], (key, found)  # no all-gather of K/V
+    assert found['bytes'] <= 1.25 * halo, (key, found['bytes'], halo)
+
+
+@pytest.mark.slow
+def test_accelerator_kernels_exchange_halos_on_a_sequence_mesh():
+  """splash and pallas_gpu (interpreted) on sequence shards: each shard takes the
+  window's keys from its neighbours, and nothing of the sequence's length moves."""
+  stdout = _run(KERNEL_HALO)
+  line, = [l for l in stdout.splitlines() if l.startswith('KERNEL HALO ')]
+  found = json.loads(line[len('KERNEL HALO '):])
+  assert len(found) == 2 * 2 * 2 * 2
+  radius, kv_heads, head_dim = 24, 2, 16  # KERNEL_HALO's
+  for name, result in found.items():
+    moved = result['moved']
+    if result['kind'] == 'local':
+      # K and V halos there and their gradients back: 2 x 2 x radius rows per direction.
+      directions = 1 if result['causal'] else 2
+      halo = 2 * 2 * radius * kv_heads * head_dim * 4 * result['batch'] * directions
+      others = {op: e for op, e in moved.items() if op != 'collective-permute'}
+      assert all(e['shapes'] == ['f32[]'] for e in others.values()), (name, moved)  # the loss
+      assert result['bytes'] - 4 * len(others) <= 1.25 * halo, (name, result['bytes'], halo)
+    else:
+      # chunked: the same halo, plus the row's segment ids (int32 [batch, L]),
+      # which GSPMD gathers to find where each document's chunks start.
+      for shape in moved.get('all-gather', {}).get('shapes', []):
+        assert shape.startswith(('s32[', 'pred[')), (name, moved)
+
+
+@pytest.mark.slow
+def test_a_sequence_sharded_model_decodes_as_one_device():
+  """Prefill runs sequence-sharded (the ring for full attention); the generated
+  tokens are one device's."""
+  assert 'DECODE OK' in _run(DECODE)
+
+
+@pytest.mark.parametrize('seq_len,shards,ok', [(128, 4, True), (96, 4, False), (130, 2, False)])
+def test_shards_must_hold_whole_tiles(seq_len, shards, ok):
+  config = train_testing.tiny_config(seq_len=seq_len, model__max_len=256,
+                                     model__attention__kind='local',
+                                     model__attention__radius=16)
+  mesh = dict(data=1, fsdp=1, tensor=1, sequence=shards)
+  if ok:
+    validation.validate_config(config, mesh_shape=mesh, process_count=1)
+  else:
+    with pytest.raises(validation.ConfigError, match='config.seq_len'):
+      validation.validate_config(config, mesh_shape=mesh, process_count=1)
