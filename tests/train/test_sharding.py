@@ -1,4 +1,4 @@
-"""The same training on 8 devices under four meshes matches one device; layouts follow the rules.
+"""The same training on 8 devices under six meshes matches one device; layouts follow the rules.
 
 The 8-device runs happen in one subprocess (XLA's host platform split into 8
 devices); the single-device reference runs in this process.
@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 # fp32 compute so that the comparison measures the sharding, not bf16 rounding.
 OVERRIDES = dict(num_train_steps=3, log_every_steps=1, eval_every_steps=3, num_eval_steps=2,
                  checkpoint_every_steps=0, model__dtype='float32')
+# sequence8 trains full attention as a ring (from 4 sequence shards on).
 MESHES = [{'data': 8}, {'fsdp': 8}, {'data': 2, 'fsdp': 2, 'tensor': 2},
-          {'data': 4, 'sequence': 2}]
+          {'data': 4, 'sequence': 2}, {'sequence': 8}, {'fsdp': 2, 'sequence': 2, 'tensor': 2}]
 
 BLOCK = "['decoder']['blocks'][0]"
 # What DEFAULT_RULES give the tiny model (vocab 259 is divisible by nothing,
