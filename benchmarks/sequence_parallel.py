@@ -8,9 +8,11 @@ collectives of one attention layer's compiled forward and forward+backward
 (benchmarks/collectives.py): total bytes per device, and the longest array
 axis any collective moves (a length-L axis means something of the whole
 sequence was gathered). Variants:
-  * `gspmd`: the XLA kernels under GSPMD, as longjax runs them now;
-  * `gspmd-before`: the same with `_core.neighbor_blocks` as it was before
-    (a padded block axis), to show what the size-preserving shifts changed;
+  * `gspmd`: the XLA kernels (implementation 'xla') under the mesh's axis
+    rules, as a model runs them: GSPMD, plus the explicit per-shard segment
+    scans of `_core.segment_bounds`;
+  * `gspmd-before`: the code before sequence parallelism was worked on:
+    `_core.neighbor_blocks` with a padded block axis, and no axis rules;
   * `auto`: what a model gets (implementation 'auto' under the mesh's axis
     rules): ring attention for `full` from 4 shards on, else as `gspmd` on a
     CPU (on a GPU or TPU, local and chunked take the fused kernels' halo path).
@@ -84,7 +86,10 @@ def measure(kind, length, shards, variant, causal, run):
             ((1, length, KV_HEADS, DIM), rows)]
   seg_sharding = NamedSharding(mesh, P(None, 'sequence'))
   call = _call(kind, length, causal, 'auto' if variant == 'auto' else 'xla')
-  rules = lambda: sharding.axis_rules(mesh) if variant == 'auto' else contextlib.nullcontext()
+  # A model traces under the mesh's axis rules; `gspmd-before` shows the code
+  # before this wave, when nothing looked at them.
+  rules = lambda: (contextlib.nullcontext() if variant == 'gspmd-before'
+                   else sharding.axis_rules(mesh))
   summaries = []
   if kind == 'transient_global':
     summaries = [((1, length // 16, KV_HEADS, DIM), NamedSharding(mesh, P()))] * 2

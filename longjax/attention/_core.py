@@ -26,12 +26,15 @@ matmuls with fp32 accumulation). Rows that see no key produce zeros, never NaN.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from longjax import sharding
 
 # Scores of masked keys. Finite, so that max/exp of an all-masked row stay
 # finite (the row is zeroed by the mask, not by inf arithmetic).
@@ -276,9 +279,17 @@ def neighbor_blocks(x, *, before: int, after: int, axis: int = 1):
 def segment_bounds(segment_ids):
   """Start and end (exclusive) of each token's segment, [b, l] int32 each.
 
-  Segments are contiguous runs of equal ids (as packing produces them).
+  Segments are contiguous runs of equal ids (as packing produces them). On a
+  sequence-sharded input each shard scans its own positions and takes the
+  carries from the other shards' totals (n numbers per row), where GSPMD
+  would gather the whole [b, l] array to scan it.
   """
   b, l = segment_ids.shape
+  shards = sharding.mesh_axis_size('sequence')
+  if shards > 1 and l % shards == 0:
+    names = ('batch', 'length')
+    return sharding.per_shard(functools.partial(_sharded_segment_bounds, shards=shards, length=l),
+                              (segment_ids,), (names,), [(names, (b, l)), (names, (b, l))])
   pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
   change = jnp.concatenate(
       [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
@@ -287,3 +298,27 @@ def segment_bounds(segment_ids):
       [segment_ids[:, 1:] != segment_ids[:, :-1], jnp.ones((b, 1), bool)], axis=1)
   end = jax.lax.cummin(jnp.where(ends_here, pos + 1, l), axis=1, reverse=True)
   return start, end
+
+
+def _sharded_segment_bounds(ids, *, shards: int, length: int):
+  """segment_bounds of one sequence shard (inside shard_map over 'sequence')."""
+  shard = ids.shape[1]
+  index = jax.lax.axis_index('sequence')
+  pos = index * shard + jnp.arange(shard, dtype=jnp.int32)[None, :]
+  send = lambda x, step: jax.lax.ppermute(
+      x, 'sequence', [(i, i + step) for i in range(shards) if 0 <= i + step < shards])
+  before = jnp.concatenate([send(ids[:, -1:], 1), ids[:, :-1]], axis=1)  # left neighbours
+  after = jnp.concatenate([ids[:, 1:], send(ids[:, :1], -1)], axis=1)    # right neighbours
+  change = (ids != before) | (pos == 0)
+  ends_here = (ids != after) | (pos == length - 1)
+  starts = jnp.where(change, pos, 0)
+  ends = jnp.where(ends_here, pos + 1, length)
+  # Carries: the latest start on earlier shards, the earliest end on later ones.
+  shard_ids = jnp.arange(shards)[:, None]
+  latest = jax.lax.all_gather(jnp.max(starts, axis=1), 'sequence')    # [shards, b]
+  earliest = jax.lax.all_gather(jnp.min(ends, axis=1), 'sequence')
+  carry_start = jnp.max(jnp.where(shard_ids < index, latest, 0), axis=0)[:, None]
+  carry_end = jnp.min(jnp.where(shard_ids > index, earliest, length), axis=0)[:, None]
+  start = jnp.maximum(jax.lax.cummax(starts, axis=1), carry_start)
+  end = jnp.minimum(jax.lax.cummin(ends, axis=1, reverse=True), carry_end)
+  return start.astype(jnp.int32), end.astype(jnp.int32)
