@@ -153,9 +153,10 @@ def constrain(x, names: Sequence[Optional[str]]):
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def current_mesh() -> Optional[Mesh]:
-  """The mesh `axis_rules` activated, or None outside it."""
-  return _context.mesh
+def spec_for(names: Sequence[Optional[str]], shape) -> Optional[PartitionSpec]:
+  """The PartitionSpec `names` resolve to under the active `axis_rules` (None outside)."""
+  mesh = _context.mesh
+  return None if mesh is None else logical_to_spec(names, shape, mesh, _context.rules)
 
 
 def mesh_axis_size(axis: str) -> int:

@@ -29,12 +29,9 @@ def _names(q, k):
   """Logical names for the kernels' operands; heads stay whole unless both the
   query and the key/value heads split evenly (a kernel maps query head h to
   key head h // group, which a shard must keep)."""
-  mesh = sharding.current_mesh()
-  if mesh is not None:
-    q_spec = sharding.logical_to_spec(_Q_NAMES, q.shape, mesh, sharding._context.rules)
-    k_spec = sharding.logical_to_spec(_KV_NAMES, k.shape, mesh, sharding._context.rules)
-    if q_spec[1] != k_spec[1]:
-      return ('batch', None, None, None), ('batch', None, None, None)
+  q_spec, k_spec = sharding.spec_for(_Q_NAMES, q.shape), sharding.spec_for(_KV_NAMES, k.shape)
+  if q_spec is not None and q_spec[1] != k_spec[1]:
+    return ('batch', None, None, None), ('batch', None, None, None)
   return _Q_NAMES, _KV_NAMES
 
 
@@ -61,7 +58,8 @@ def output(choice: Choice, qh, kh, vh, *, left: Optional[int], right: Optional[i
   dtype = dtype or q.dtype
   if sharding.mesh_axis_size('sequence') > 1:
     return _token_major(_halo_output(choice, q, kh, vh, left=left, right=right, causal=causal,
-                                     segment_ids=segment_ids, dtype=dtype).astype(dtype))
+                                     segment_ids=segment_ids, dtype=dtype,
+                                     global_columns=global_columns).astype(dtype))
   q_names, kv_names = _names(q, kh)
   if choice.name == 'splash':
     def run(q, k, v, segment_ids):
@@ -79,7 +77,7 @@ def output(choice: Choice, qh, kh, vh, *, left: Optional[int], right: Optional[i
   return _token_major(out.astype(dtype))
 
 
-def _halo_output(choice, q, k, v, *, left, right, causal, segment_ids, dtype):
+def _halo_output(choice, q, k, v, *, left, right, causal, segment_ids, dtype, global_columns):
   """The band kernel on a sequence-sharded input: each shard receives the last
   `left` keys, values and segment ids of its left neighbour (and the first
   `right` of its right one) by ppermute, and runs the kernel on its queries
@@ -87,6 +85,9 @@ def _halo_output(choice, q, k, v, *, left, right, causal, segment_ids, dtype):
   transpose: the halo's gradients travel back to the shard that owns them."""
   if left is None or right is None:
     raise ValueError('a sequence-sharded band needs a bounded window (left and right).')
+  if global_columns:
+    raise ValueError('global_columns are the row prefix, which only the first sequence shard '
+                     'holds; sequence-sharded global_local takes the xla path.')
   n = sharding.mesh_axis_size('sequence')
   q_names, kv_names = _names(q, k)
   q_names, kv_names = q_names[:2] + ('length', None), kv_names[:2] + ('length', None)
@@ -109,7 +110,8 @@ def _halo_output(choice, q, k, v, *, left, right, causal, segment_ids, dtype):
 
   def halo(x, ids, amount, direction, axis):
     """(x's halo, its segment ids): padding ids where there is no neighbour."""
-    exists = shifted(jnp.ones(ids.shape[:1] + (amount,), jnp.int32), amount, 1, direction) > 0
+    source = jax.lax.axis_index('sequence') - direction  # the shard it comes from
+    exists = (source >= 0) & (source < n)
     halo_ids = jnp.where(exists, shifted(ids, amount, 1, direction),
                          jnp.iinfo(jnp.int32).min + 2)
     return [shifted(y, amount, axis, direction) for y in x], halo_ids

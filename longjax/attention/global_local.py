@@ -84,12 +84,14 @@ def find_globals(segment_ids, global_mask, *, num_global: int, batch: int,
   return Globals(is_global, table, start)
 
 
-def _slots(globals_: Globals, *, tile: int, n: int, one_prefix: bool):
+def _slots(globals_: Globals, *, tile: int, n: int, one_prefix: bool, own: bool = True):
   """Per tile, the positions [b, n, T + 2g] that may hold a global token its
   queries or keys pair with, and whether each slot is one ([b, n, T + 2g]).
 
   one_prefix: the row is one segment with prefix globals, so the slots are
   just its g global tokens, the same for every tile.
+  own: include the tile's own positions (False: [b, n, 2g], for a caller whose
+  kernel already covers each tile's own keys).
   """
   b, length, g = globals_.table.shape
   if one_prefix:
@@ -106,10 +108,12 @@ def _slots(globals_: Globals, *, tile: int, n: int, one_prefix: bool):
   before = jnp.where(before < lo, before, -1)  # the first token's segment, outside the tile
   after = table_of(last[None, :])
   after = jnp.where(after >= hi, after, -1)  # the last token's segment, outside the tile
+  if not own:
+    pos = jnp.concatenate([before, after], axis=2)
+    return jnp.maximum(pos, 0), pos >= 0
   own = jnp.broadcast_to(jnp.arange(padded).reshape(n, tile), (b, n, tile))
   is_global = _core.pad_axis(globals_.is_global, 1, padded).reshape(b, n, tile)
-  own = jnp.where(is_global, own, -1)
-  pos = jnp.concatenate([before, after, own], axis=2)
+  pos = jnp.concatenate([before, after, jnp.where(is_global, own, -1)], axis=2)
   return jnp.maximum(pos, 0), pos >= 0
 
 
@@ -181,6 +185,7 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
     gq, gk, gv, _, _ = _core.self_attention_inputs(*global_qkv, None, scale, name)
 
   found = find_globals(seg, global_mask, num_global=num_global, batch=batch, length=length)
+  tiles = _tiles(found, seg, tile=tile, one_prefix=one_prefix)
   if choice.name == 'splash':
     # The window and the row's first num_global keys in one static mask.
     out = band.output(choice, qh, kh, vh, left=radius, right=right, causal=causal,
@@ -192,8 +197,10 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
                                                   pallas_gpu.Band(radius, right, causal))
     window = band.part(choice, qh, kh, vh, left=radius, right=right, causal=causal,
                        segment_ids=seg, key_global=found.is_global)
-    far = _global_keys_part(qh, kh, vh, found, seg, tile=block, causal=causal, bias_fn=None,
-                            one_prefix=one_prefix, visited=(lo * block, hi * block))
+    # Each tile's own global keys lie in the blocks the kernel visits.
+    far_tiles = _tiles(found, seg, tile=block, one_prefix=one_prefix, own=False)
+    far = _global_keys_part(qh, kh, vh, far_tiles, causal=causal, bias_fn=None,
+                            visited=(lo * block, hi * block))
     out = _core.merge([window, far], q.dtype)
   else:
     # 1. The window, without the global keys (they come in 2.).
@@ -201,21 +208,20 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
                          radius=radius, causal=causal, segment_ids=seg, bias_fn=bias_fn,
                          key_exclude=found.is_global)
     # 2. Each query tile against its slots' global keys.
-    out = _core.merge([window, _global_keys_part(qh, kh, vh, found, seg, tile=tile,
-                                                 causal=causal, bias_fn=bias_fn,
-                                                 one_prefix=one_prefix)], q.dtype)
-  rows = _global_rows(gq, gk, gv, found, seg, tile=tile, causal=causal, bias_fn=bias_fn,
-                      one_prefix=one_prefix)
+    out = _core.merge([window, _global_keys_part(qh, kh, vh, tiles, causal=causal,
+                                                 bias_fn=bias_fn)], q.dtype)
+  # 3. The global queries' rows.
+  rows = _global_rows(gq, gk, gv, tiles, length=length, causal=causal, bias_fn=bias_fn)
   return jnp.where(found.is_global[:, :, None, None], rows.astype(q.dtype), out)
 
 
-def _tiles(found: Globals, seg, *, tile: int, one_prefix: bool):
+def _tiles(found: Globals, seg, *, tile: int, one_prefix: bool, own: bool = True):
   """Per tile of `tile` positions: its global slots (pos, valid [b, n, s]), their
   segments, the tile's positions [1, n, T] and segments [b, n, T]."""
   batch, length = found.is_global.shape
   n = -(-length // tile)
   padded = n * tile
-  pos, valid = _slots(found, tile=tile, n=n, one_prefix=one_prefix)
+  pos, valid = _slots(found, tile=tile, n=n, one_prefix=one_prefix, own=own)
   seg_all = jnp.zeros((batch, length), jnp.int32) if seg is None else seg
   seg_slot = jnp.take_along_axis(seg_all, pos.reshape(batch, -1), 1).reshape(pos.shape)
   tile_pos = jnp.arange(padded).reshape(n, tile)[None]
@@ -223,16 +229,17 @@ def _tiles(found: Globals, seg, *, tile: int, one_prefix: bool):
   return pos, valid, seg_slot, tile_pos, seg_tile
 
 
-def _global_keys_part(qh, kh, vh, found: Globals, seg, *, tile: int, causal: bool, bias_fn,
-                      one_prefix: bool, visited=None) -> _core.Part:
+def _global_keys_part(qh, kh, vh, tiles, *, causal: bool, bias_fn,
+                      visited=None) -> _core.Part:
   """Each query tile against its slots' global keys: [T, s] score tiles.
 
+  tiles: `_tiles(...)` of the tile length the queries are cut into.
   visited: (first [n], end [n]) key positions a kernel already covered for
   each tile; the global keys among them are left out here.
   """
   batch, kv_heads, _, length, dim = qh.shape
-  pos, valid, seg_slot, tile_pos, seg_tile = _tiles(found, seg, tile=tile, one_prefix=one_prefix)
-  n = pos.shape[1]
+  pos, valid, seg_slot, tile_pos, seg_tile = tiles
+  n, tile = tile_pos.shape[1:]
   mask = valid[:, :, None, :] & (seg_tile[:, :, :, None] == seg_slot[:, :, None, :])
   rel = tile_pos[:, :, :, None] - pos[:, :, None, :]  # query - key
   if causal:
@@ -249,14 +256,13 @@ def _global_keys_part(qh, kh, vh, found: Globals, seg, *, tile: int, causal: boo
   return _core.slice_part(part, length)
 
 
-def _global_rows(gq, gk, gv, found: Globals, seg, *, tile: int, causal: bool, bias_fn,
-                 one_prefix: bool):
+def _global_rows(gq, gk, gv, tiles, *, length: int, causal: bool, bias_fn):
   """The global queries' rows [b, l, heads, d] (zeros elsewhere): the slots' global
   queries against each key tile ([s, T] tiles), merged across tiles per global
   query by log-sum-exp."""
-  batch, kv_heads, _, length, _ = gq.shape
-  pos, valid, seg_slot, tile_pos, seg_tile = _tiles(found, seg, tile=tile, one_prefix=one_prefix)
-  n = pos.shape[1]
+  batch, kv_heads = gq.shape[:2]
+  pos, valid, seg_slot, tile_pos, seg_tile = tiles
+  n, tile = tile_pos.shape[1:]
   mask = valid[:, :, :, None] & (seg_slot[:, :, :, None] == seg_tile[:, :, None, :])
   rel = pos[:, :, :, None] - tile_pos[:, :, None, :]
   if causal:

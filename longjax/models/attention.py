@@ -279,8 +279,7 @@ class CrossAttention(_Projections):
     # Cross-attention is full attention whatever the self-attention kind: an
     # implementation chosen for that kind applies here only if it computes this.
     implementation = self.config.attention.implementation
-    if implementation not in kernels.spec('full').implementations or implementation in (
-        'cudnn', 'splash'):  # neither takes packed cross-attention segments
+    if implementation in ('cudnn', 'splash'):  # neither takes cross-attention segments
       implementation = 'auto'
     out = kernels.dot_product(q, k, v, segment_ids=segment_ids,
                               kv_segment_ids=memory_segment_ids, implementation=implementation)
