@@ -12,6 +12,9 @@ Model FLOPs count what the architecture needs, not what the kernels execute:
   6 * (matmul weights) per token for projections, MLP and LM head, plus
   attention 12 * heads * head_dim * (keys a query sees, averaged over queries)
   per token and layer (QK^T and PV, forward and backward).
+`--sequence=8` splits the tokens over 8 devices (with XLA_FLAGS=
+--xla_force_host_platform_device_count=8 on a CPU: one process, so peak RSS
+is all shards together).
 MFU is model FLOP/s over the machine's dense matmul peak, measured in the
 same run by timing a 2048^3 matmul in each dtype. XLA's own FLOP count (what
 the compiled step executes, masked tile waste included) is reported beside it.
@@ -19,6 +22,7 @@ the compiled step executes, masked tile waste included) is reported beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -94,15 +98,27 @@ def run_point(args):
   graphdef, params = nnx.split(model, nnx.Param)
   ids = jnp.asarray(np.random.default_rng(0).integers(3, args.vocab, (args.batch, args.length + 1)),
                     jnp.int32)
+  inputs, targets = ids[:, :-1], ids[:, 1:]
 
-  def loss(params, ids):
-    logits, aux = nnx.merge(graphdef, params)(ids[:, :-1])
+  def loss(params, inputs, targets):
+    logits, aux = nnx.merge(graphdef, params)(inputs)
     logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)) + 0.0 * aux.get(
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1)) + 0.0 * aux.get(
         'span_penalty', 0.0)
 
-  result = harness.time_steps(jax.value_and_grad(loss), params, ids, steps=args.steps,
-                              min_seconds=args.min_seconds)
+  rules = contextlib.nullcontext()
+  if args.sequence > 1:  # the tokens split over `sequence` host devices, as the trainer does
+    from jax.sharding import NamedSharding, PartitionSpec
+    from longjax import sharding
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, sequence=args.sequence),
+                              devices=jax.devices()[:args.sequence])
+    rows = NamedSharding(mesh, PartitionSpec(None, 'sequence'))
+    inputs, targets = jax.device_put(inputs, rows), jax.device_put(targets, rows)
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    rules = sharding.axis_rules(mesh)
+  with rules:
+    result = harness.time_steps(jax.value_and_grad(loss), params, inputs, targets,
+                                steps=args.steps, min_seconds=args.min_seconds)
   flops = model_flops_per_step(config, args.length, args.batch)
   result.update(kind=args.kind, length=args.length, dtype=args.dtype,
                 tokens_per_s=args.batch * args.length / result['median_s'],
@@ -133,6 +149,9 @@ def main():
   parser.add_argument('--mlp', type=int, default=1024)
   parser.add_argument('--vocab', type=int, default=259)
   parser.add_argument('--remat', default='none')
+  parser.add_argument('--sequence', type=int, default=1,
+                      help='split the length over this many devices (mesh.sequence); on a CPU '
+                           'set XLA_FLAGS=--xla_force_host_platform_device_count=N')
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--min-seconds', type=float, default=2.0)
   parser.add_argument('--timeout', type=float, default=600)
@@ -150,7 +169,8 @@ def main():
 
   shape = [f'--batch={args.batch}', f'--hidden={args.hidden}', f'--heads={args.heads}',
            f'--layers={args.layers}', f'--mlp={args.mlp}', f'--vocab={args.vocab}',
-           f'--remat={args.remat}', f'--steps={args.steps}', f'--min-seconds={args.min_seconds}']
+           f'--remat={args.remat}', f'--sequence={args.sequence}', f'--steps={args.steps}',
+           f'--min-seconds={args.min_seconds}']
   me = os.path.abspath(__file__)
   print(f'# {harness.machine_description()}', flush=True)
   peaks = {}

@@ -30,6 +30,7 @@ from longjax.attention import implementations
 from longjax.attention import local as _local
 from longjax.attention import multiresolution as _multiresolution
 from longjax.attention import transient_global as _transient_global
+from longjax.attention._core import scatter_rows
 from longjax.attention.adaptive_span import adaptive_span, needed_radius, soft_mask, span_penalty
 from longjax.attention.chunked import chunked
 from longjax.attention.dot_product import dot_product
@@ -67,5 +68,5 @@ __all__ = [
     'adaptive_span',
     'chunked', 'dot_product', 'get', 'global_local', 'hierarchical', 'implementations', 'local',
     'multiresolution',
-    'needed_radius', 'soft_mask', 'span_penalty', 'spec', 'transient_global',
+    'needed_radius', 'scatter_rows', 'soft_mask', 'span_penalty', 'spec', 'transient_global',
 ]

@@ -322,3 +322,71 @@ def _sharded_segment_bounds(ids, *, shards: int, length: int):
   start = jnp.maximum(jax.lax.cummax(starts, axis=1), carry_start)
   end = jnp.minimum(jax.lax.cummin(ends, axis=1, reverse=True), carry_end)
   return start.astype(jnp.int32), end.astype(jnp.int32)
+
+
+_SCANS = {'add': (jax.lax.cumsum, jnp.sum, jnp.add, 0),
+          'max': (jax.lax.cummax, jnp.max, jnp.maximum, np.iinfo(np.int32).min),
+          'min': (jax.lax.cummin, jnp.min, jnp.minimum, np.iinfo(np.int32).max)}
+
+
+def cumulative(x, op: str, *, reverse: bool = False):
+  """Inclusive scan ('add', 'max' or 'min') of int32 x [b, l] along the length.
+
+  On a sequence-sharded input each shard scans its own positions and combines
+  the totals of the shards before it (after it, reverse) — n numbers per row —
+  where GSPMD would gather the whole row to scan it.
+  """
+  scan, reduce, combine, identity = _SCANS[op]
+  x = x.astype(jnp.int32)
+  b, l = x.shape
+  shards = sharding.mesh_axis_size('sequence')
+  if shards == 1 or l % shards:
+    return scan(x, axis=1, reverse=reverse)
+
+  def run(x):
+    index = jax.lax.axis_index('sequence')
+    totals = jax.lax.all_gather(reduce(x, axis=1), 'sequence')  # [shards, b]
+    shard = jnp.arange(shards)[:, None]
+    earlier = shard > index if reverse else shard < index
+    carry = reduce(jnp.where(earlier, totals, identity), axis=0)[:, None]
+    return combine(scan(x, axis=1, reverse=reverse), carry).astype(jnp.int32)
+
+  names = ('batch', 'length')
+  return sharding.per_shard(run, (x,), (names,), [(names, (b, l))])
+
+
+def scatter_rows(target, values, size: int, fill=0, *, add: bool = False):
+  """rows [b, size, ...]: values [b, l, ...] scattered to slots target [b, l]
+  (out of range: dropped). Without `add`, every token sent to one slot sends
+  the same value and untouched slots hold `fill`; with it, slots sum.
+
+  On a sequence-sharded input each shard scatters its own tokens and the
+  shards' [b, size] rows meet in one all-reduce (a max, or a sum), where
+  GSPMD would gather the tokens' targets and values.
+  """
+  b, l = target.shape
+  shards = sharding.mesh_axis_size('sequence')
+
+  def scatter(target, values, fill):  # (per shard: its own batch rows)
+    rows = jnp.arange(target.shape[0])[:, None]
+    base = jnp.full((target.shape[0], size) + values.shape[2:], fill, values.dtype)
+    at = base.at[rows, target]
+    return at.add(values, mode='drop') if add else at.set(values, mode='drop')
+
+  if shards == 1 or l % shards:
+    return scatter(target, values, fill)
+  low = jnp.array(jnp.iinfo(values.dtype).min if jnp.issubdtype(values.dtype, jnp.integer)
+                  else -jnp.inf if values.dtype != bool else False, values.dtype)
+
+  def run(target, values):
+    if add:
+      return jax.lax.psum(scatter(target, values, 0), 'sequence')
+    sent = jax.lax.pmax(scatter(target, jnp.ones(target.shape, jnp.int32), 0), 'sequence')
+    best = jax.lax.pmax(scatter(target, values, low), 'sequence')
+    return jnp.where(sent.reshape(sent.shape + (1,) * (values.ndim - 2)) > 0, best, fill)
+
+  value_names = ('batch', 'length') + (None,) * (values.ndim - 2)
+  out_names = ('batch', None) + (None,) * (values.ndim - 2)
+  result = sharding.per_shard(run, (target, values), (('batch', 'length'), value_names),
+                              [(out_names, (b, size) + values.shape[2:])])
+  return result.astype(values.dtype)

@@ -41,6 +41,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from longjax import sharding
 from longjax.attention import _core, band, implementations, pallas_gpu, spec
 from longjax.attention.local import (default_block, ring_length, window_group, window_part,
                                      window_visible)
@@ -63,25 +64,46 @@ class Globals(NamedTuple):
   start: jax.Array
 
 
-def find_globals(segment_ids, global_mask, *, num_global: int, batch: int,
-                 length: int) -> Globals:
-  """Each segment's global tokens: its first num_global, or its first num_global marked."""
+def global_tokens(segment_ids, global_mask, *, num_global: int, batch: int, length: int):
+  """Which tokens are global: (is_global, rank, start), [b, l] each.
+
+  rank: a token's rank among its segment's candidates (its position in the
+  segment, or the marks before it in the segment); start: its segment's first
+  position. Built from running scans only (`_core.cumulative`), so a
+  sequence-sharded input is never gathered.
+  """
   seg = jnp.zeros((batch, length), jnp.int32) if segment_ids is None else segment_ids
   start, _ = _core.segment_bounds(seg)
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  positions = jnp.arange(length, dtype=jnp.int32)[None, :]
   if global_mask is None:
     rank = positions - start
     candidate = jnp.ones((batch, length), bool)
   else:
     candidate = global_mask.astype(bool)
-    count = jnp.cumsum(candidate.astype(jnp.int32), axis=1)
-    before = jnp.take_along_axis(count - candidate, start, axis=1)  # marks before the segment
+    count = _core.cumulative(candidate, 'add')
+    # The marks before the segment: (count - candidate) at its first token,
+    # carried forward by a running max (it never decreases along the row).
+    before = _core.cumulative(jnp.where(positions == start, count - candidate, 0), 'max')
     rank = count - before - 1
-  is_global = candidate & prefix_global(rank, num_global)
+  return candidate & prefix_global(rank, num_global), rank, start
+
+
+def global_table(is_global, rank, start, num_global: int):
+  """[b, l, num_global]: at each segment's first position (start, [b, l]) the
+  positions of its global tokens in rank order, -1 elsewhere and for none."""
+  batch, length = is_global.shape
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   rows = jnp.arange(batch)[:, None]
-  table = jnp.full((batch, length, num_global), -1, jnp.int32).at[
+  return jnp.full((batch, length, num_global), -1, jnp.int32).at[
       rows, start, jnp.where(is_global, rank, num_global)].set(positions, mode='drop')
-  return Globals(is_global, table, start)
+
+
+def find_globals(segment_ids, global_mask, *, num_global: int, batch: int,
+                 length: int) -> Globals:
+  """Each segment's global tokens: its first num_global, or its first num_global marked."""
+  is_global, rank, start = global_tokens(segment_ids, global_mask, num_global=num_global,
+                                         batch=batch, length=length)
+  return Globals(is_global, global_table(is_global, rank, start, num_global), start)
 
 
 def _slots(globals_: Globals, *, tile: int, n: int, one_prefix: bool, own: bool = True):
@@ -184,6 +206,11 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
                        f'{[x.shape for x in global_qkv]}.')
     gq, gk, gv, _, _ = _core.self_attention_inputs(*global_qkv, None, scale, name)
 
+  shards = sharding.mesh_axis_size('sequence')
+  if choice.name == 'xla' and shards > 1 and length % shards == 0:
+    return _sequence_sharded(qh, kh, vh, gq, gk, gv, seg, global_mask, radius=radius,
+                             num_global=num_global, tile=tile, causal=causal, bias_fn=bias_fn,
+                             dtype=q.dtype)
   found = find_globals(seg, global_mask, num_global=num_global, batch=batch, length=length)
   tiles = _tiles(found, seg, tile=tile, one_prefix=one_prefix)
   if choice.name == 'splash':
@@ -211,8 +238,29 @@ def global_local(q, k, v, *, radius: int, num_global: int, causal: bool = False,
     out = _core.merge([window, _global_keys_part(qh, kh, vh, tiles, causal=causal,
                                                  bias_fn=bias_fn)], q.dtype)
   # 3. The global queries' rows.
-  rows = _global_rows(gq, gk, gv, tiles, length=length, causal=causal, bias_fn=bias_fn)
-  return jnp.where(found.is_global[:, :, None, None], rows.astype(q.dtype), out)
+  rows = _core.merge([_global_rows(gq, gk, gv, tiles, length=length, causal=causal,
+                                    bias_fn=bias_fn)], q.dtype)
+  return jnp.where(found.is_global[:, :, None, None], rows, out)
+
+
+def _sequence_sharded(qh, kh, vh, gq, gk, gv, seg, global_mask, *, radius: int,
+                      num_global: int, tile: int, causal: bool, bias_fn, dtype):
+  """global_local with the length sharded over `sequence`: the window by GSPMD
+  (its halo), the global parts by exchanging global tokens only
+  (`global_exchange`)."""
+  from longjax.attention import global_exchange  # it builds on this module
+  batch, length = qh.shape[0], qh.shape[3]
+  seg = jnp.zeros((batch, length), jnp.int32) if seg is None else seg
+  is_global, rank, start = global_tokens(seg, global_mask, num_global=num_global, batch=batch,
+                                         length=length)
+  window = window_part(qh, kh, vh, block=tile, before=1, after=0 if causal else 1,
+                       radius=radius, causal=causal, segment_ids=seg, bias_fn=bias_fn,
+                       key_exclude=is_global)
+  keys, rows = global_exchange.global_parts(qh, kh, vh, gq, gk, gv, seg, is_global, rank, start,
+                                            num_global=num_global, tile=tile, causal=causal,
+                                            bias_fn=bias_fn)
+  out = _core.merge([window, keys], dtype)
+  return jnp.where(is_global[:, :, None, None], _core.merge([rows], dtype), out)
 
 
 def _tiles(found: Globals, seg, *, tile: int, one_prefix: bool, own: bool = True):
@@ -256,10 +304,10 @@ def _global_keys_part(qh, kh, vh, tiles, *, causal: bool, bias_fn,
   return _core.slice_part(part, length)
 
 
-def _global_rows(gq, gk, gv, tiles, *, length: int, causal: bool, bias_fn):
-  """The global queries' rows [b, l, heads, d] (zeros elsewhere): the slots' global
-  queries against each key tile ([s, T] tiles), merged across tiles per global
-  query by log-sum-exp."""
+def _global_rows(gq, gk, gv, tiles, *, length: int, causal: bool, bias_fn) -> _core.Part:
+  """The global queries' rows as a Part over [b, hk, g, l] (sum 0 elsewhere):
+  the slots' global queries against each key tile ([s, T] tiles), merged
+  across tiles per global query by log-sum-exp."""
   batch, kv_heads = gq.shape[:2]
   pos, valid, seg_slot, tile_pos, seg_tile = tiles
   n, tile = tile_pos.shape[1:]
@@ -274,11 +322,11 @@ def _global_rows(gq, gk, gv, tiles, *, length: int, causal: bool, bias_fn):
   return _merge_by_position(part, pos, valid, length)
 
 
-def _merge_by_position(part: _core.Part, pos, valid, length):
-  """Normalises the parts of each position (slots of every tile) in one softmax.
+def _merge_by_position(part: _core.Part, pos, valid, length) -> _core.Part:
+  """The parts of each position (slots of every tile) as one Part per position.
 
-  part: rows [b, hk, g, n * s]; pos, valid [b, n, s]. Returns [b, l, heads, d]
-  (zeros for positions without a part).
+  part: rows [b, hk, g, n * s]; pos, valid [b, n, s]. Returns a Part over
+  [b, hk, g, length] (sum 0 for positions without a part).
   """
   b, hk, g, _ = part.max.shape
   ids = (jnp.where(valid, pos, length) + jnp.arange(b)[:, None, None] * (length + 1))
@@ -290,9 +338,8 @@ def _merge_by_position(part: _core.Part, pos, valid, length):
   correction = jnp.exp(flat(part.max) - best[ids])
   total = jax.ops.segment_sum(flat(part.sum) * correction, ids, num_segments=segments)
   out = jax.ops.segment_sum(flat(part.out) * correction[..., None], ids, num_segments=segments)
-  out = out / jnp.where(total > 0, total, 1.0)[..., None]
-  out = out.reshape(b, length + 1, hk * g, -1)
-  return out[:, :length]
+  rows = lambda x: jnp.moveaxis(x.reshape((b, length + 1) + x.shape[1:])[:, :length], 1, 3)
+  return _core.Part(jnp.maximum(rows(best), _core.MASK_VALUE), rows(total), rows(out))
 
 
 # Decoding (prefix global tokens only): the first num_global positions stay

@@ -190,7 +190,6 @@ def _segment_levels(segment_ids, length: int, b: int, levels: int):
   pos = jnp.arange(length, dtype=jnp.int32)[None, :]
   n, rel = end - start, pos - start
   is_first = pos == start
-  rows = jnp.arange(batch)[:, None]
   out, prev_slot, prev_size = [], None, length
   for level in range(1, levels + 1):
     f = 2 ** level
@@ -198,19 +197,17 @@ def _segment_levels(segment_ids, length: int, b: int, levels: int):
     size = chunks * b
     needs = n > b * f  # else level l - 1 already covers the whole segment
     own = jnp.where(needs, -(-n // (b * f)), 0)
-    offset = jnp.cumsum(jnp.where(is_first, own, 0), axis=1) - own  # blocks before the segment
+    # Blocks before the segment (a running sum: per shard on a sequence mesh).
+    offset = _core.cumulative(jnp.where(is_first, own, 0), 'add') - own
     slot = jnp.where(needs, offset * b + rel // f, size)
-    chunk_segment = jnp.full((batch, chunks + 1), -1, jnp.int32).at[rows, slot // b].set(
-        start)[:, :chunks]
+    chunk_segment = _core.scatter_rows(slot // b, start, chunks, -1)
     is_even = (rel // (f // 2)) % 2 == 0
     if prev_slot is None:
       parent, first = slot, is_even
     else:
-      parent = jnp.full((batch, prev_size + 1), size, jnp.int32).at[rows, prev_slot].set(
-          slot)[:, :prev_size]
-      first = jnp.zeros((batch, prev_size + 1), bool).at[rows, prev_slot].set(
-          is_even)[:, :prev_size]
-    count = jnp.zeros((batch, size + 1), jnp.float32).at[rows, slot].add(1.0)[:, :size]
+      parent = _core.scatter_rows(prev_slot, slot, prev_size, size)
+      first = _core.scatter_rows(prev_slot, is_even, prev_size, False)
+    count = _core.scatter_rows(slot, jnp.ones((batch, length), jnp.float32), size, add=True)
     out.append(_Level(chunks, parent, first, chunk_segment, count))
     prev_slot, prev_size = slot, size
   return out, start

@@ -104,15 +104,12 @@ def summary_layout(segment_ids, *, batch: int, length: int, summary_block: int,
     query_block = jnp.where(member, block, -1)
   # Slot of block 0 of each segment: the full blocks of the segments before it.
   first = position == 0
-  offset = jnp.cumsum(jnp.where(first, full, 0), axis=1) - full
+  offset = _core.cumulative(jnp.where(first, full, 0), 'add') - full
   token_summary = jnp.where(member, offset + block, -1).astype(jnp.int32)
 
   slots = num_summaries(length, k)
-  rows = jnp.arange(batch)[:, None]
   target = jnp.where(member, token_summary, slots)  # out of range: dropped
-
-  def scatter(values, fill):
-    return jnp.full((batch, slots), fill, values.dtype).at[rows, target].set(values, mode='drop')
+  scatter = lambda values, fill: _core.scatter_rows(target, values, slots, fill)
 
   return SummaryLayout(token_summary, query_block.astype(jnp.int32), position,
                        scatter(segment_ids, 0), scatter(block.astype(jnp.int32), -1),

@@ -134,8 +134,7 @@ class SelfAttention(_Projections):
                                       causal=self.causal)
     slots = layout.valid.shape[1]
     target = jnp.where(layout.token_summary >= 0, layout.token_summary, slots)
-    sums = jnp.zeros((b, slots, e), jnp.float32).at[jnp.arange(b)[:, None], target].add(
-        x.astype(jnp.float32), mode='drop')
+    sums = kernels.scatter_rows(target, x.astype(jnp.float32), slots, add=True)
     return self.summary_kv(sums)
 
   def _uses_marked_globals(self) -> bool:

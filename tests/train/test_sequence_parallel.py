@@ -4,10 +4,14 @@
     sequence=4 and fsdp=2 x sequence=2 x tensor=2: the output and every
     gradient of a sequence-sharded call equal one device's (to 1e-5 of their
     largest entry);
-  * what moves is asserted from the compiled HLO: local attention's
+  * 20 training steps of every kind on sequence=8 and fsdp=2 x sequence=2 x
+    tensor=2 give one device's losses (to 1e-5 relative);
+  * what moves is asserted from the compiled HLO: global_local and
+    transient_global move nothing as long as a shard; local attention's
     collectives carry at most 1.25x the halo minimum (2 x radius x kv_heads x
     head_dim x 4 bytes per direction), at 8 shards and at 4; full attention
-    passes one shard's keys around a ring and gathers nothing; the accelerator
+    passes one shard's keys around a ring and gathers nothing, causally in the
+    zigzag layout that gives every shard the same work; the accelerator
     kernels (interpreted) exchange the same halos;
   * a sequence-sharded model generates what one device generates;
   * a sequence length that splits into partial kernel tiles is refused when
@@ -56,8 +60,12 @@ COMMON = textwrap.dedent('''
 ''')
 
 EQUALITY = COMMON + textwrap.dedent('''
+    mark = jnp.asarray(rng.random((2, L)) < 0.03)
+    projections = tuple(jnp.asarray(rng.normal(size=x.shape), jnp.float32) for x in (q, k, v))
     kinds = dict(full={}, local=dict(radius=32), chunked=dict(chunk_size=32),
                  global_local=dict(radius=32, num_global=4),
+                 global_local_marked=dict(radius=32, num_global=4, global_mask=mark),
+                 global_local_projections=dict(radius=32, num_global=4, global_qkv=projections),
                  transient_global=dict(radius=32, summary_block=16,
                                        summary_k=k[:, :32], summary_v=v[:, :32]),
                  hierarchical=dict(level0_block=16), multiresolution=dict(level0_block=16),
@@ -69,7 +77,8 @@ EQUALITY = COMMON + textwrap.dedent('''
         args = placed(mesh)
         for kind, settings in kinds.items():
             for causal in (False, True):
-                forward = jax.jit(lambda q, k, v, s: attention.get(kind)(
+                fn = attention.get(kind.replace('_marked', '').replace('_projections', ''))
+                forward = jax.jit(lambda q, k, v, s: fn(
                     q, k, v, causal=causal, segment_ids=s, **settings))
                 loss = lambda q, k, v, s: jnp.sum(forward(q, k, v, s) * cot)
                 grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -122,7 +131,84 @@ HALO = textwrap.dedent('''
                 text = jax.jit(g).lower(shape(4), shape(HK), shape(HK), ids).compile().as_text()
             out[f'ring {n} {causal}'] = dict(longest=collectives.largest_axis(text),
                                              ops=sorted(collectives.summary(text)))
+        # The causal ring's work per shard, in (query chunk, key chunk) pairs of
+        # L / 2n: 4 for a whole block, 2 for a zigzag half, 0 for a skipped one.
+        from longjax.attention import ring
+        cost = jnp.array([4, 2, 2, 0])
+        for zigzag in (True, False):
+            work = jax.jit(jax.shard_map(
+                lambda x, zigzag=zigzag: x + jnp.sum(cost[jnp.stack(
+                    [ring._case(t, n, True, zigzag) for t in range(n)])]),
+                mesh=mesh, in_specs=P('sequence'), out_specs=P('sequence')))(jnp.zeros(n, int))
+            out[f'work {n} {zigzag}'] = [int(w) for w in work]
     print('HALO ' + json.dumps(out))
+''')
+
+SMALL_GATHERS = textwrap.dedent('''
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from benchmarks import collectives
+    from longjax import attention, sharding
+
+    L, n, D = 16384, 8, 64
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, sequence=n))
+    rows = NamedSharding(mesh, P(None, 'sequence', None, None))
+    ids = NamedSharding(mesh, P(None, 'sequence'))
+    q = jax.ShapeDtypeStruct((1, L, 4, D), jnp.float32, sharding=rows)
+    kv = jax.ShapeDtypeStruct((1, L, 2, D), jnp.float32, sharding=rows)
+    row = jax.ShapeDtypeStruct((1, L), jnp.int32, sharding=ids)
+    summary = jax.ShapeDtypeStruct((1, L // 16, 2, D), jnp.float32,
+                                   sharding=NamedSharding(mesh, P()))
+    calls = dict(
+        global_local=lambda q, k, v, s, m, sk, sv, c: attention.global_local(
+            q, k, v, radius=128, num_global=16, causal=c, segment_ids=s),
+        global_local_marked=lambda q, k, v, s, m, sk, sv, c: attention.global_local(
+            q, k, v, radius=128, num_global=16, causal=c, segment_ids=s, global_mask=m > 0),
+        transient_global=lambda q, k, v, s, m, sk, sv, c: attention.transient_global(
+            q, k, v, radius=128, summary_block=16, causal=c, segment_ids=s, summary_k=sk,
+            summary_v=sv))
+    out = {}
+    for name, call in calls.items():
+        for causal in (False, True):
+            f = lambda *a, call=call, causal=causal: call(*a, causal)
+            g = jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2))
+            for mode, fn in (('fwd', f), ('fwd+bwd', g)):
+                with sharding.axis_rules(mesh):
+                    text = jax.jit(fn).lower(q, kv, kv, row, row, summary, summary).compile(
+                        ).as_text()
+                out[f'{name} {causal} {mode}'] = dict(longest=collectives.largest_axis(text),
+                                                       bytes=collectives.total_bytes(text))
+    print('SMALL ' + json.dumps(out))
+''')
+
+# 20 steps of the tiny LM, one kind after another, on the meshes given; one
+# device when none is.
+TRAINING = textwrap.dedent('''
+    import json, os, sys
+    from tests.train import train_testing
+    from longjax.train import trainer
+
+    workdir, kinds = sys.argv[1], sys.argv[2].split(',')
+    meshes = json.loads(sys.argv[3]) if len(sys.argv) > 3 else [{}]
+    losses = {}
+    for mesh in meshes:
+        for kind in kinds:
+            overrides = dict(
+                seq_len=128, model__max_len=256, model__attention__kind=kind,
+                model__attention__radius=8, model__attention__num_global=2,
+                model__attention__summary_block=8, model__attention__level0_block=8,
+                model__attention__chunk_size=8, model__attention__max_span=16,
+                model__attention__span_ramp=4.0, model__dtype='float32', batch_size=4,
+                num_train_steps=20, log_every_steps=1, eval_every_steps=20, num_eval_steps=1,
+                checkpoint_every_steps=0)
+            overrides.update({f'mesh__{axis}': mesh.get(axis, 1)
+                              for axis in ('data', 'fsdp', 'tensor', 'sequence')})
+            name = kind + ''.join(f' {axis}={size}' for axis, size in mesh.items())
+            run_dir = os.path.join(workdir, name.replace(' ', '_').replace('=', ''))
+            trainer.train_and_evaluate(train_testing.tiny_config(**overrides), run_dir)
+            losses[name] = [r['loss'] for r in train_testing.read_metrics(run_dir, 'train')]
+    print('LOSSES ' + json.dumps(losses))
 ''')
 
 KERNEL_HALO = COMMON + textwrap.dedent('''
@@ -197,7 +283,46 @@ def test_every_kind_sequence_sharded_equals_one_device():
   stdout = _run(EQUALITY, json.dumps(MESHES))
   line, = [l for l in stdout.splitlines() if l.startswith('EQUAL ')]
   errors = json.loads(line[len('EQUAL '):])
-  assert len(errors) == 8 * 2 * len(MESHES)
+  assert len(errors) == 10 * 2 * len(MESHES)
+
+
+@pytest.mark.slow
+def test_global_and_summary_kinds_move_nothing_of_the_sequence_length():
+  """global_local exchanges only global tokens (n x 2 num_global rows) and
+  transient_global its L / summary_block summary slots: no collective moves an
+  axis as long as one shard (16384 / 8 tokens), forward or backward."""
+  stdout = _run(SMALL_GATHERS)
+  line, = [l for l in stdout.splitlines() if l.startswith('SMALL ')]
+  measured = json.loads(line[len('SMALL '):])
+  assert len(measured) == 3 * 2 * 2
+  for name, found in measured.items():
+    assert found['longest'] < 16384 // 8, (name, found)
+    assert found['bytes'] < 4 * 2**20, (name, found)
+
+
+KINDS = ('full', 'local', 'chunked', 'global_local', 'transient_global', 'hierarchical',
+         'multiresolution', 'adaptive_span')
+
+
+@pytest.mark.slow
+def test_twenty_training_steps_match_one_device(tmp_path):
+  """Every kind trains 20 steps on sequence=8 and on fsdp=2 x sequence=2 x
+  tensor=2 with one device's losses (to 1e-5 relative)."""
+  def losses(*args, devices):
+    result = train_testing.run_python(['-c', TRAINING, str(tmp_path), ','.join(KINDS), *args],
+                                      env=train_testing.subprocess_env(devices), timeout=1800)
+    line, = [l for l in result.stdout.splitlines() if l.startswith('LOSSES ')]
+    return json.loads(line[len('LOSSES '):])
+
+  alone = losses(devices=1)
+  spread = losses(json.dumps([{'sequence': 8}, {'fsdp': 2, 'sequence': 2, 'tensor': 2}]),
+                  devices=8)
+  assert len(spread) == 2 * len(KINDS)
+  for name, got in spread.items():
+    want = alone[name.split(' ')[0]]
+    assert len(got) == len(want) == 20, name
+    for step, (a, b) in enumerate(zip(got, want)):
+      assert abs(a - b) <= 1e-5 * abs(b), (name, step, a, b)
 
 
 @pytest.mark.slow
@@ -206,6 +331,12 @@ def test_local_attention_moves_only_its_halo():
   line, = [l for l in stdout.splitlines() if l.startswith('HALO ')]
   measured = json.loads(line[len('HALO '):])
   radius, kv_heads, head_dim = 128, 2, 64
+  for key in [k for k in measured if k.startswith('work ')]:
+    work, shards = measured.pop(key), int(key.split(' ')[1])
+    if key.endswith('True'):  # zigzag: every shard the same causal work, half of a block's
+      assert work == [4 + 2 * (shards - 1)] * shards, (key, work)
+    else:  # contiguous: shard i scores i + 1 blocks
+      assert work == [4 * (i + 1) for i in range(shards)], (key, work)
   for key in [k for k in measured if k.startswith('ring ')]:
     found = measured.pop(key)
     shards = int(key.split(' ')[1])
