@@ -233,6 +233,13 @@ def slice_part(part: Part, length: int) -> Part:
   return Part(part.max[..., :length], part.sum[..., :length], part.out[..., :length, :])
 
 
+def combine(a: Part, b: Part) -> Part:
+  """The unnormalised statistics of the union of two parts' keys (same queries)."""
+  m = jnp.maximum(a.max, b.max)
+  ca, cb = jnp.exp(a.max - m), jnp.exp(b.max - m)
+  return Part(m, a.sum * ca + b.sum * cb, a.out * ca[..., None] + b.out * cb[..., None])
+
+
 def merge(parts: Sequence[Part], dtype) -> jax.Array:
   """Normalises the union of all parts' keys in one softmax.
 
@@ -375,8 +382,11 @@ def scatter_rows(target, values, size: int, fill=0, *, add: bool = False):
 
   if shards == 1 or l % shards:
     return scatter(target, values, fill)
+  dtype = values.dtype
+  if dtype == bool:  # (pmax takes numbers)
+    values = values.astype(jnp.int32)
   low = jnp.array(jnp.iinfo(values.dtype).min if jnp.issubdtype(values.dtype, jnp.integer)
-                  else -jnp.inf if values.dtype != bool else False, values.dtype)
+                  else -jnp.inf, values.dtype)
 
   def run(target, values):
     if add:
@@ -389,4 +399,4 @@ def scatter_rows(target, values, size: int, fill=0, *, add: bool = False):
   out_names = ('batch', None) + (None,) * (values.ndim - 2)
   result = sharding.per_shard(run, (target, values), (('batch', 'length'), value_names),
                               [(out_names, (b, size) + values.shape[2:])])
-  return result.astype(values.dtype)
+  return result.astype(dtype)

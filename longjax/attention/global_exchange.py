@@ -113,24 +113,28 @@ def _shard_parts(qh, kh, vh, gq, gk, gv, seg, is_global, rank, start, *, shards:
   ext_rows = _external_rows(ext['q'], gk, gv, ext_pos, ext_start, ext_valid, start=start,
                             offset=offset, tile=tile, causal=causal, bias_fn=bias_fn)
   target = jnp.where(ext_valid, order, shards * g2)  # slots of the exchange; dropped if none
-  place = lambda x, fill: jax.vmap(lambda xb, tb: jnp.full(
-      xb.shape[:2] + (shards * g2,) + xb.shape[3:], fill, xb.dtype).at[:, :, tb].set(
-          xb, mode='drop'))(x, target)
+  place = lambda x, fill: _to_slots(x, target, shards * g2, fill)
   best = jax.lax.pmax(jax.lax.stop_gradient(place(ext_rows.max, _core.MASK_VALUE)), AXIS)
   correction = jnp.exp(place(ext_rows.max, _core.MASK_VALUE) - best)
   total = jax.lax.psum(place(ext_rows.sum, 0.0) * correction, AXIS)
   out = jax.lax.psum(place(ext_rows.out, 0.0) * correction[..., None], AXIS)
-  mine_slice = lambda x: jax.lax.dynamic_slice_in_dim(x, index * g2, g2, axis=3)
-  back = jnp.where(mine_valid, mine_at, m)  # this shard's sent slots, at their positions
-
-  def unplace(x, fill):
-    return jax.vmap(lambda xb, tb: jnp.full(xb.shape[:2] + (m,) + xb.shape[3:], fill,
-                                            xb.dtype).at[:, :, tb].set(xb, mode='drop'))(
-        mine_slice(x), back)
+  # This shard's sent slots of the exchange, back at their positions.
+  back = jnp.where(mine_valid, mine_at, m)
+  unplace = lambda x, fill: _to_slots(
+      jax.lax.dynamic_slice_in_dim(x, index * g2, g2, axis=3), back, m, fill)
 
   remote = _core.Part(unplace(best, _core.MASK_VALUE), unplace(total, 0.0), unplace(out, 0.0))
-  rows = _merge_parts(own_rows, remote)
+  rows = _core.combine(own_rows, remote)
   return tuple(keys) + tuple(rows)
+
+
+def _to_slots(x, target, size: int, fill):
+  """x [b, hk, g, s, ...] written to slots target [b, s] of a new [b, hk, g, size,
+  ...] axis (out of range: dropped), `fill` elsewhere."""
+  def one(xb, tb):
+    return jnp.full(xb.shape[:2] + (size,) + xb.shape[3:], fill, xb.dtype).at[:, :, tb].set(
+        xb, mode='drop')
+  return jax.vmap(one)(x, target)
 
 
 def _take(x, index, axis):
@@ -194,10 +198,3 @@ def _external_rows(ext_q, gk, gv, ext_pos, ext_start, ext_valid, *, start, offse
   correction = jnp.exp(per_tile(part.max) - best[:, :, :, None])
   return _core.Part(best, jnp.sum(per_tile(part.sum) * correction, axis=3),
                     jnp.sum(per_tile(part.out) * correction[..., None], axis=3))
-
-
-def _merge_parts(a: _core.Part, b: _core.Part) -> _core.Part:
-  """Two Parts of the same queries as one (unnormalised)."""
-  best = jnp.maximum(a.max, b.max)
-  ca, cb = jnp.exp(a.max - best), jnp.exp(b.max - best)
-  return _core.Part(best, a.sum * ca + b.sum * cb, a.out * ca[..., None] + b.out * cb[..., None])

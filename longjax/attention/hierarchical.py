@@ -144,13 +144,6 @@ def coarse_visible(query_group, key_group, level0_block: int, *, causal: bool):
   return left | right
 
 
-def _combine(a: _core.Part, b: _core.Part) -> _core.Part:
-  """The unnormalised statistics of the union of two parts' keys (same queries)."""
-  m = jnp.maximum(a.max, b.max)
-  ca, cb = jnp.exp(a.max - m), jnp.exp(b.max - m)
-  return _core.Part(m, a.sum * ca + b.sum * cb, a.out * ca[..., None] + b.out * cb[..., None])
-
-
 def _empty_row(part: _core.Part) -> _core.Part:
   """Appends one query slot that sees nothing (max MASK_VALUE, sums 0)."""
   pad = lambda x, value: jnp.concatenate(
@@ -332,7 +325,7 @@ def _coarse_levels(qh, kh, vh, levels: list, *, block: int, causal: bool, bias_f
   # Top-down: each level's statistics join the finer level's, slot by slot.
   acc = parts[-1]
   for index in range(len(levels) - 1, 0, -1):
-    acc = _combine(parts[index - 1], _interpolate(acc, levels[index], sizes[index]))
+    acc = _core.combine(parts[index - 1], _interpolate(acc, levels[index], sizes[index]))
   return _interpolate(acc, levels[0], length)
 
 

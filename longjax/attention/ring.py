@@ -221,13 +221,16 @@ def ring_attention(qh, kh, vh, *, causal: bool, segment_ids=None):
   zigzag = causal and length % (2 * n) == 0
 
   def run(q, k, v, seg):
-    shard = q.shape[3]
-    pos = jax.lax.axis_index(AXIS) * shard + jnp.arange(shard, dtype=jnp.int32)
-    pos = jnp.broadcast_to(pos, seg.shape)
+    shard, i = q.shape[3], jax.lax.axis_index(AXIS)
     if not zigzag:
+      pos = jnp.broadcast_to(i * shard + jnp.arange(shard, dtype=jnp.int32), seg.shape)
       return _ring(q, k, v, seg, seg, pos, pos, causal, n, False)
+    half = shard // 2  # chunks i and 2n-1-i
+    pos = jnp.concatenate([i * half + jnp.arange(half, dtype=jnp.int32),
+                           (2 * n - 1 - i) * half + jnp.arange(half, dtype=jnp.int32)])
+    pos = jnp.broadcast_to(pos, seg.shape)
     there = lambda x, axis: _by_parity(x, n, axis, True)
-    q, k, v, seg, pos = there(q, 3), there(k, 2), there(v, 2), there(seg, 1), there(pos, 1)
+    q, k, v, seg = there(q, 3), there(k, 2), there(v, 2), there(seg, 1)
     return _by_parity(_ring(q, k, v, seg, seg, pos, pos, causal, n, True), n, 3, False)
 
   q_names = ('batch', 'kv_heads', None, 'length', None)
