@@ -78,17 +78,18 @@ segment) every segment gets its own hierarchy, groups and blocks aligned to
 its first token, exactly as if it were alone in the row: the outputs of a
 segment equal running it alone, at any offset.
 
-How it stays linear: at level l >= 1 the coarse tokens of the segments that
-need the level are laid out in a compact array, each segment's run padded to
-whole blocks of b and aligned to a block boundary, so that block C of the
-array is one block of one segment and its LEFT/RIGHT blocks are blocks C - 1
-and C + 1 (when they hold the same segment). With n_s > b f for each of the k
-segments that need level l, sum_s ceil(n_s / (b f)) <= L / (b f) + k and
-k <= L / (b f + 1), so K_l = floor(L / (b f)) + floor(L / (b f + 1)) blocks
-always suffice (without segment_ids: ceil(L / (b f))). Level l builds its
-coarse tokens from level l - 1's (pairs of children) and hands its combined
-softmax statistics down to level l - 1 the same way, so every array is
-O(L b) (scores) or O(L d): cost O(L b), time and memory, forward and backward.
+How it stays linear: at level l >= 1 the coarse tokens live in blocks of b
+slots, one block of one segment per slot block, laid out by the layouts of
+`_hierarchy`: without segment_ids slot = coarse index (ceil(L / (b f))
+blocks); with them by position, two blocks per span of b f tokens (the first
+block of the segment starting in the span, and a later block of the one
+covering its first position), 2 ceil(L / (b f)) blocks, about 2L / f slots —
+what a compact layout needs in the worst case too. Level l builds its coarse
+tokens from level l - 1's (pairs of children) and hands its combined softmax
+statistics down to level l - 1 the same way, so every array is O(L b)
+(scores) or O(L d): cost O(L b), time and memory, forward and backward. The
+positional layout keeps every level's neighbours one span away, so a
+sequence-sharded row moves a span's halo per level, never a row of slots.
 
 `level0_visible` and `coarse_visible` state who sees whom; the kernel builds
 its tile masks and the decode rule its slot masks from them.
@@ -96,13 +97,12 @@ its tile masks and the decode rule its slot masks from them.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import _core, implementations, spec
+from longjax.attention import _core, _hierarchy, implementations, spec
 from longjax.attention.local import ring_length, window_group, window_part
 
 
@@ -144,131 +144,16 @@ def coarse_visible(query_group, key_group, level0_block: int, *, causal: bool):
   return left | right
 
 
-def _empty_row(part: _core.Part) -> _core.Part:
-  """Appends one query slot that sees nothing (max MASK_VALUE, sums 0)."""
-  pad = lambda x, value: jnp.concatenate(
-      [x, jnp.full(x.shape[:3] + (1,) + x.shape[4:], value, x.dtype)], axis=3)
-  return _core.Part(pad(part.max, _core.MASK_VALUE), pad(part.sum, 0.0), pad(part.out, 0.0))
-
-
-# Layouts of the coarse tokens: how level l's slots derive from level l-1's.
-class _Level(NamedTuple):
-  chunks: int                      # K_l blocks of b slots
-  parent: Optional[jax.Array]      # [batch, M_{l-1}] level-l slot of each level-(l-1) slot
-                                   # (M_l: none); None: slot // 2 (no segments)
-  first: Optional[jax.Array]       # [batch, M_{l-1}] bool: first child of its parent
-  chunk_segment: Optional[jax.Array]  # [batch, K_l] segment of each block, -1 unused
-  count: jax.Array                 # [batch or 1, M_l] float32 tokens per slot
-
-
-def _static_levels(length: int, b: int, levels: int) -> list:
-  """One segment (no segment_ids): slot = segment-relative coarse index."""
-  out = []
-  for level in range(1, levels + 1):
-    f = 2 ** level
-    chunks = -(-length // (b * f))
-    starts = np.arange(chunks * b) * f
-    count = np.clip(length - starts, 0, f).astype(np.float32)[None]
-    out.append(_Level(chunks, None, None, None, jnp.asarray(count)))
-  return out
-
-
-def _segment_levels(segment_ids, length: int, b: int, levels: int):
-  """Every segment its own hierarchy: compact block-aligned slots per level.
-
-  Returns (levels, start): start [batch, l] each token's segment start.
-  """
-  batch = segment_ids.shape[0]
-  start, end = _core.segment_bounds(segment_ids)
-  pos = jnp.arange(length, dtype=jnp.int32)[None, :]
-  n, rel = end - start, pos - start
-  is_first = pos == start
-  out, prev_slot, prev_size = [], None, length
-  for level in range(1, levels + 1):
-    f = 2 ** level
-    chunks = length // (b * f) + length // (b * f + 1)
-    size = chunks * b
-    needs = n > b * f  # else level l - 1 already covers the whole segment
-    own = jnp.where(needs, -(-n // (b * f)), 0)
-    # Blocks before the segment (a running sum: per shard on a sequence mesh).
-    offset = _core.cumulative(jnp.where(is_first, own, 0), 'add') - own
-    slot = jnp.where(needs, offset * b + rel // f, size)
-    chunk_segment = _core.scatter_rows(slot // b, start, chunks, -1)
-    is_even = (rel // (f // 2)) % 2 == 0
-    if prev_slot is None:
-      parent, first = slot, is_even
-    else:
-      parent = _core.scatter_rows(prev_slot, slot, prev_size, size)
-      first = _core.scatter_rows(prev_slot, is_even, prev_size, False)
-    count = _core.scatter_rows(slot, jnp.ones((batch, length), jnp.float32), size, add=True)
-    out.append(_Level(chunks, parent, first, chunk_segment, count))
-    prev_slot, prev_size = slot, size
-  return out, start
-
-
-def _coarsen(x, level: _Level, size: int, axis: int, *, select=None):
-  """Sums level-(l-1) slots into their level-l parent slots along `axis`.
-
-  x: [batch, ..., M_{l-1} (axis), ...]; select [batch, M_{l-1}] bool: only
-  those children (causal queries: the first child). Returns [..., size, ...].
-  """
-  n = x.shape[axis]
-  if level.parent is None:  # slot // 2
-    if select is not None:  # the first of each pair
-      x = _core.pad_axis(x, axis, 2 * size)
-      return jax.lax.slice_in_dim(x, 0, 2 * size, stride=2, axis=axis)
-    x = _core.pad_axis(x, axis, 2 * size)
-    shape = x.shape[:axis] + (size, 2) + x.shape[axis + 1:]
-    return x.reshape(shape).sum(axis=axis + 1)
-  index = level.parent if select is None else jnp.where(select, level.parent, size)
-  assert index.shape[1] == n
-
-  def one(xb, ib):
-    xb = jnp.moveaxis(xb, axis - 1, 0)
-    out = jnp.zeros((size,) + xb.shape[1:], xb.dtype).at[ib].add(xb, mode='drop')
-    return jnp.moveaxis(out, 0, axis - 1)
-
-  return jax.vmap(one)(x, index)
-
-
-def _interpolate(part: _core.Part, level: _Level, size: int) -> _core.Part:
-  """Level-l statistics [.., M_l] handed to the level-(l-1) slots [.., size]."""
-  if level.parent is None:
-    up = lambda x: jnp.repeat(x, 2, axis=3)[:, :, :, :size]
-    return _core.Part(up(part.max), up(part.sum), up(part.out))
-  part = _empty_row(part)
-  index = level.parent[:, None, None, :]
-  take = lambda x, i: jnp.take_along_axis(x, i, axis=3)
-  return _core.Part(take(part.max, index), take(part.sum, index),
-                    take(part.out, index[..., None]))
-
-
-def _shift(x, axis: int, by: int):
-  """x shifted along `axis` so that out[C] = x[C - by] (zeros where missing)."""
-  n = x.shape[axis]
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (by, 0) if by > 0 else (0, -by)
-  padded = jnp.pad(x, widths)
-  start = 0 if by > 0 else -by
-  return jax.lax.slice_in_dim(padded, start, start + n, axis=axis)
-
-
-def _coarse_part(ql, kl, vl, level: _Level, *, level_index: int, block: int, causal: bool,
-                 bias_fn) -> _core.Part:
+def _coarse_part(ql, kl, vl, layout, level: int, *, causal: bool, bias_fn) -> _core.Part:
   """Level l's coarse queries against their LEFT (and RIGHT) blocks of coarse keys."""
-  b = block
-  f = 2 ** level_index
+  b = layout.block
+  f = 2 ** level
   batch, hk, g, size, d = ql.shape
-  chunks = level.chunks
+  chunks = layout.chunks(level)
   qb = jnp.swapaxes(ql.reshape(batch, hk, g, chunks, b, d), 2, 3)  # [B, hk, K, g, b, d]
-  blocked = lambda x, axis: x.reshape(x.shape[:axis] + (chunks, b) + x.shape[axis + 1:])
-
-  def window(x, axis):  # [.., K (axis), b, ..] -> [.., K, W, ..]: LEFT (, RIGHT) blocks
-    left = _shift(x, axis, 1)
-    return left if causal else jnp.concatenate([left, _shift(x, axis, -1)], axis=axis + 1)
-
-  kw, vw = window(blocked(kl, 2), 2), window(blocked(vl, 2), 2)  # [B, hk, K, W, d]
-  count = window(blocked(jnp.broadcast_to(level.count, (batch, size)), 1), 1)  # [B, K, W]
+  window = lambda x, axis: layout.window(x, level, axis, causal=causal)
+  kw, vw = window(kl, 2), window(vl, 2)  # [B, hk, K, W, d]
+  count = window(jnp.broadcast_to(layout.count(level), (batch, size)), 1)  # [B, K, W]
   width = b if causal else 2 * b
 
   # Static geometry of a tile: query r of block C is coarse index C b + r (minus
@@ -276,22 +161,11 @@ def _coarse_part(ql, kl, vl, level: _Level, *, level_index: int, block: int, cau
   # key t >= b is (C + 1) b + t - b (RIGHT).
   r = np.arange(b)[:, None]
   t = np.arange(width)[None, :]
-  is_left = t < b
-  key = np.where(is_left, t, t - b + 2 * b)  # coarse index relative to block C - 1
+  key = np.where(t < b, t, t - b + 2 * b)  # coarse index relative to block C - 1
   mask = coarse_visible(r + b, key, b, causal=causal)  # [b, W]
   rel = (r + b - key) * f  # (p - c) * f
-
-  chunk = np.arange(chunks)
-  if level.chunk_segment is None:
-    left_ok = jnp.asarray(chunk >= 1)[None]
-    right_ok = jnp.asarray(chunk + 1 < chunks)[None]
-  else:
-    seg = level.chunk_segment
-    left_ok = (seg >= 0) & (seg == _shift(seg, 1, 1)) & (chunk >= 1)[None]
-    right_ok = (seg >= 0) & (seg == _shift(seg, 1, -1)) & (chunk + 1 < chunks)[None]
-  neighbour = jnp.where(jnp.asarray(is_left)[None, None], left_ok[:, :, None, None],
-                        right_ok[:, :, None, None])  # [B, K, 1, W]
-  mask = jnp.asarray(mask)[None, None] & neighbour & (count > 0)[:, :, None, :]  # [B, K, b, W]
+  ok = _hierarchy.window_ok(layout, level, causal=causal)  # [B or 1, K, W]
+  mask = jnp.asarray(mask)[None, None] & ok[:, :, None, :]  # [B, K, b, W]
   bias = None
   if bias_fn is not None:
     bias = _core.bias_tile(bias_fn, rel, hk)[None, :, None]
@@ -300,33 +174,27 @@ def _coarse_part(ql, kl, vl, level: _Level, *, level_index: int, block: int, cau
                              log_weight=log_count[:, None, :, None, None, :])
 
 
-def _coarse_levels(qh, kh, vh, levels: list, *, block: int, causal: bool, bias_fn):
+def _coarse_levels(qh, kh, vh, layout, *, causal: bool, bias_fn):
   """All coarse levels' statistics, combined and interpolated to the tokens."""
-  length = kh.shape[2]
   k_sum, v_sum = kh.astype(jnp.float32), vh.astype(jnp.float32)
   q_x = qh if causal else qh.astype(jnp.float32)
-  parts, sizes = [], [length]
-  for index, level in enumerate(levels, start=1):
-    size = level.chunks * block
-    k_sum = _coarsen(k_sum, level, size, 2)
-    v_sum = _coarsen(v_sum, level, size, 2)
-    if causal:  # the query of the group's first position
-      q_x = _coarsen(q_x, level, size, 3,
-                     select=True if level.parent is None else level.first)
-    else:
-      q_x = _coarsen(q_x, level, size, 3)
-    safe = jnp.maximum(jnp.broadcast_to(level.count, (kh.shape[0], size)), 1.0)
+  parts = []
+  for level in range(1, layout.levels + 1):
+    k_sum = layout.coarsen(k_sum, level, 2)
+    v_sum = layout.coarsen(v_sum, level, 2)
+    # Causally the query of the group's first position, else the group mean.
+    q_x = layout.coarsen(q_x, level, 3, first_only=causal)
+    size = layout.size(level)
+    safe = jnp.maximum(jnp.broadcast_to(layout.count(level), (kh.shape[0], size)), 1.0)
     k_l = (k_sum / safe[:, None, :, None]).astype(kh.dtype)
     v_l = (v_sum / safe[:, None, :, None]).astype(vh.dtype)
     q_l = q_x if causal else (q_x / safe[:, None, None, :, None]).astype(qh.dtype)
-    parts.append(_coarse_part(q_l, k_l, v_l, level, level_index=index, block=block,
-                              causal=causal, bias_fn=bias_fn))
-    sizes.append(size)
+    parts.append(_coarse_part(q_l, k_l, v_l, layout, level, causal=causal, bias_fn=bias_fn))
   # Top-down: each level's statistics join the finer level's, slot by slot.
   acc = parts[-1]
-  for index in range(len(levels) - 1, 0, -1):
-    acc = _core.combine(parts[index - 1], _interpolate(acc, levels[index], sizes[index]))
-  return _interpolate(acc, levels[0], length)
+  for level in range(layout.levels, 1, -1):
+    acc = _core.combine(parts[level - 2], layout.interpolate(acc, level))
+  return layout.interpolate(acc, 1)
 
 
 def _level0_segments(qh, kh, vh, *, block: int, causal: bool, segment_ids, start, bias_fn):
@@ -389,16 +257,15 @@ def hierarchical(q, k, v, *, level0_block: int, causal: bool = False, segment_id
   b, length = level0_block, dims.length
   count = num_levels(length, b)
 
+  layout = _hierarchy.layout(segment_ids, length, b, count)
   if segment_ids is None:
     parts = [window_part(qh, kh, vh, block=b, before=1, after=0 if causal else 1, radius=None,
                          causal=causal, bias_fn=bias_fn)]
-    levels = _static_levels(length, b, count)
   else:
-    levels, start = _segment_levels(segment_ids, length, b, count)
     parts = [_level0_segments(qh, kh, vh, block=b, causal=causal, segment_ids=segment_ids,
-                              start=start, bias_fn=bias_fn)]
-  if levels:
-    parts.append(_coarse_levels(qh, kh, vh, levels, block=b, causal=causal, bias_fn=bias_fn))
+                              start=layout.start, bias_fn=bias_fn)]
+  if count:
+    parts.append(_coarse_levels(qh, kh, vh, layout, causal=causal, bias_fn=bias_fn))
   return _core.merge(parts, q.dtype)
 
 

@@ -6,8 +6,9 @@
     largest entry);
   * 20 training steps of every kind on sequence=8 and fsdp=2 x sequence=2 x
     tensor=2 give one device's losses (to 1e-5 relative);
-  * what moves is asserted from the compiled HLO: global_local and
-    transient_global move nothing as long as a shard; local attention's
+  * what moves is asserted from the compiled HLO: global_local,
+    transient_global and hierarchical move nothing as long as a shard (and
+    hierarchical's bytes hardly grow with the length); local attention's
     collectives carry at most 1.25x the halo minimum (2 x radius x kv_heads x
     head_dim x 4 bytes per direction), at 8 shards and at 4; full attention
     passes one shard's keys around a ring and gathers nothing, causally in the
@@ -182,6 +183,35 @@ SMALL_GATHERS = textwrap.dedent('''
     print('SMALL ' + json.dumps(out))
 ''')
 
+# hierarchical's levels at two lengths, packed and not: what moves per call.
+HIERARCHY = textwrap.dedent('''
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from benchmarks import collectives
+    from longjax import attention, sharding
+
+    n, D = 8, 64
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, sequence=n))
+    rows = NamedSharding(mesh, P(None, 'sequence', None, None))
+    out = {}
+    for L in (16384, 65536):
+        q = jax.ShapeDtypeStruct((1, L, 4, D), jnp.float32, sharding=rows)
+        kv = jax.ShapeDtypeStruct((1, L, 2, D), jnp.float32, sharding=rows)
+        row = jax.ShapeDtypeStruct((1, L), jnp.int32,
+                                   sharding=NamedSharding(mesh, P(None, 'sequence')))
+        for packed in (False, True):
+            for causal in (False, True):
+                f = lambda q, k, v, s, causal=causal, packed=packed: attention.hierarchical(
+                    q, k, v, level0_block=64, causal=causal, segment_ids=s if packed else None)
+                g = jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2))
+                with sharding.axis_rules(mesh):
+                    text = jax.jit(g).lower(q, kv, kv, row).compile().as_text()
+                out[f'{L} {packed} {causal}'] = dict(longest=collectives.largest_axis(text),
+                                                     bytes=collectives.total_bytes(text))
+    print('HIERARCHY ' + json.dumps(out))
+''')
+
 # 20 steps of the tiny LM, one kind after another, on the meshes given; one
 # device when none is.
 TRAINING = textwrap.dedent('''
@@ -298,6 +328,24 @@ def test_global_and_summary_kinds_move_nothing_of_the_sequence_length():
   for name, found in measured.items():
     assert found['longest'] < 16384 // 8, (name, found)
     assert found['bytes'] < 4 * 2**20, (name, found)
+
+
+@pytest.mark.slow
+def test_hierarchical_levels_move_spans_not_rows():
+  """Every coarse level moves a span or two of 2 x level0_block slots between
+  neighbouring shards: forward and backward, packed or not, no collective
+  carries an axis as long as one shard, and quadrupling the length (two more
+  levels) adds little, where gathering anything of the row would quadruple it."""
+  stdout = _run(HIERARCHY)
+  line, = [l for l in stdout.splitlines() if l.startswith('HIERARCHY ')]
+  measured = json.loads(line[len('HIERARCHY '):])
+  assert len(measured) == 2 * 2 * 2
+  for name, found in measured.items():
+    assert found['longest'] < 16384 // 8, (name, found)
+  for packed in (False, True):
+    for causal in (False, True):
+      short, long = (measured[f'{length} {packed} {causal}']['bytes'] for length in (16384, 65536))
+      assert long < 1.4 * short, (packed, causal, short, long)
 
 
 KINDS = ('full', 'local', 'chunked', 'global_local', 'transient_global', 'hierarchical',
