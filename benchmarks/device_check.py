@@ -206,7 +206,8 @@ def mfu(budget, rows, peak, shape_names, lengths):
     for length in lengths if name == 'peer' else lengths[:1]:
       if budget.left() < 60:
         return
-      args = SimpleNamespace(vocab=259 if name == 'peer' else 32000, remat='none', **shape)
+      args = SimpleNamespace(vocab=259 if name == 'peer' else 32000, remat='none', tile_tokens=-1,
+                             **shape)
       row = dict(section='mfu', shape=name, kind='local', length=length)
       try:
         config = model_bench.model_config('local', length, 'bfloat16', args)

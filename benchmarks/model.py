@@ -1,4 +1,4 @@
-"""LM training step (forward + backward) vs length: tokens/s, memory, MFU.
+"""LM training step (forward + backward [+ optimizer]) vs length: tokens/s, memory, MFU.
 
     python benchmarks/model.py --kinds=local,global_local --lengths=1024,8192,65536 \
         --dtypes=float32,bfloat16 --out=model.json
@@ -6,7 +6,11 @@
 Shape (the issue's and the peer benchmark's): d=256, 4 heads, 4 layers, mlp
 1024, batch 1, byte vocabulary (259). Each point runs in a fresh process
 (benchmarks/harness.py). The step is jax.value_and_grad of the next-token
-loss w.r.t. all parameters (no optimizer update).
+loss w.r.t. all parameters, the loss computed as the trainer does
+(`steps.token_scores`, over `--tile-tokens` tiles: the model's
+`tile_tokens`); `--optimizer=adamw` adds the AdamW update (optax), as a
+training step has. `--remat` other than none sets XLA's CPU scheduler as
+`longjax.main` does (longjax/hostmem.py).
 
 Model FLOPs count what the architecture needs, not what the kernels execute:
   6 * (matmul weights) per token for projections, MLP and LM head, plus
@@ -46,7 +50,7 @@ def model_config(kind, length, dtype, args):
   return models.ModelConfig.from_config(dict(
       arch='lm', num_layers=args.layers, emb_dim=args.hidden, num_heads=args.heads,
       mlp_dim=args.mlp, vocab_size=args.vocab, max_len=max(length, 2048), dtype=dtype,
-      param_dtype='float32', remat=args.remat,
+      param_dtype='float32', remat=args.remat, tile_tokens=args.tile_tokens,
       attention=dict(kind=kind, **BLOCKS, **SETTINGS)))
 
 
@@ -89,6 +93,8 @@ def model_flops_per_step(config, length: int, batch: int) -> float:
 
 
 def run_point(args):
+  from longjax import hostmem
+  hostmem.use_remat_scheduler(args.remat)  # as longjax.main does; before JAX starts
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -100,11 +106,26 @@ def run_point(args):
                     jnp.int32)
   inputs, targets = ids[:, :-1], ids[:, 1:]
 
+  from longjax.train import steps
+  settings = steps.StepSettings(seq2seq=False, seed=0, dropout=False, model=config)
+
   def loss(params, inputs, targets):
-    logits, aux = nnx.merge(graphdef, params)(inputs)
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1)) + 0.0 * aux.get(
-        'span_penalty', 0.0)
+    model = nnx.merge(graphdef, params)
+    x, aux = model.hidden(inputs)
+    nll, _, _ = steps.token_scores(model.embedder, x, targets, settings)
+    return jnp.mean(nll) + 0.0 * aux.get('span_penalty', 0.0)
+
+  step, state = jax.value_and_grad(loss), (params,)
+  if args.optimizer == 'adamw':  # the step replaced by one with the update
+    import optax
+    tx = optax.adamw(1e-4)
+
+    def adamw_step(params, opt_state, inputs, targets):
+      value, grads = jax.value_and_grad(loss)(params, inputs, targets)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, value
+
+    step, state = adamw_step, (params, tx.init(params))
 
   rules = contextlib.nullcontext()
   if args.sequence > 1:  # the tokens split over `sequence` host devices, as the trainer does
@@ -114,11 +135,11 @@ def run_point(args):
                               devices=jax.devices()[:args.sequence])
     rows = NamedSharding(mesh, PartitionSpec(None, 'sequence'))
     inputs, targets = jax.device_put(inputs, rows), jax.device_put(targets, rows)
-    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     rules = sharding.axis_rules(mesh)
   with rules:
-    result = harness.time_steps(jax.value_and_grad(loss), params, inputs, targets,
-                                steps=args.steps, min_seconds=args.min_seconds)
+    result = harness.time_steps(step, *state, inputs, targets, steps=args.steps,
+                                min_seconds=args.min_seconds)
   flops = model_flops_per_step(config, args.length, args.batch)
   result.update(kind=args.kind, length=args.length, dtype=args.dtype,
                 tokens_per_s=args.batch * args.length / result['median_s'],
@@ -149,6 +170,9 @@ def main():
   parser.add_argument('--mlp', type=int, default=1024)
   parser.add_argument('--vocab', type=int, default=259)
   parser.add_argument('--remat', default='none')
+  parser.add_argument('--tile-tokens', type=int, default=-1,
+                      help="model.tile_tokens (-1: the model's automatic tiles; 0: untiled)")
+  parser.add_argument('--optimizer', choices=['none', 'adamw'], default='none')
   parser.add_argument('--sequence', type=int, default=1,
                       help='split the length over this many devices (mesh.sequence); on a CPU '
                            'set XLA_FLAGS=--xla_force_host_platform_device_count=N')
@@ -169,7 +193,8 @@ def main():
 
   shape = [f'--batch={args.batch}', f'--hidden={args.hidden}', f'--heads={args.heads}',
            f'--layers={args.layers}', f'--mlp={args.mlp}', f'--vocab={args.vocab}',
-           f'--remat={args.remat}', f'--sequence={args.sequence}', f'--steps={args.steps}',
+           f'--remat={args.remat}', f'--tile-tokens={args.tile_tokens}',
+           f'--optimizer={args.optimizer}', f'--sequence={args.sequence}', f'--steps={args.steps}',
            f'--min-seconds={args.min_seconds}']
   me = os.path.abspath(__file__)
   print(f'# {harness.machine_description()}', flush=True)

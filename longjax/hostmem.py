@@ -14,6 +14,16 @@ little but lose nothing: only the host's large allocations change.
 glibc reads tunables once, at process start, so `longjax.main` re-executes
 itself with the tunable set (same PID, same arguments) before importing JAX.
 Set LONGJAX_HUGEPAGES=0 to keep the process as launched.
+
+Rematerialisation on the CPU: XLA's concurrency-optimised CPU scheduler (the
+default) orders a backward pass so that recomputed activations are live
+together, so `model.remat` saved nothing on a CPU (2.5 GB of temporaries for
+the peer-shape LM at 16k with remat 'none' and with 'full'). With
+`--xla_cpu_enable_concurrency_optimized_scheduler=false` the same programs need
+1.9 and 1.4 GB. `longjax.main` and the benchmarks add that flag to XLA_FLAGS
+when `model.remat` is not 'none' (`use_remat_scheduler`), before JAX starts
+its CPU backend, and log it; a value of the flag already in XLA_FLAGS (either
+one) is kept, which is the opt-out. Accelerator programs are not affected.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import sys
 from typing import Mapping, Optional
 
 TUNABLE = 'glibc.malloc.hugetlb'
+CPU_SCHEDULER_FLAG = 'xla_cpu_enable_concurrency_optimized_scheduler'
 OPT_OUT = 'LONGJAX_HUGEPAGES'
 _THP_MODE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
@@ -78,3 +89,28 @@ def reexec_with_hugepages() -> None:
   # interpreter options included; argv[0] as the full path, since Python finds
   # its prefix (the virtualenv) from argv[0].
   os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], environ)
+
+
+def xla_flags_for_remat(xla_flags: str, remat: str) -> Optional[str]:
+  """`xla_flags` with the CPU scheduler that lets remat free memory, or None (unchanged):
+  remat is 'none', or the flag is already given (by the user: kept)."""
+  if remat == 'none' or CPU_SCHEDULER_FLAG in xla_flags:
+    return None
+  return f'{xla_flags} --{CPU_SCHEDULER_FLAG}=false'.strip()
+
+
+def use_remat_scheduler(remat: str) -> bool:
+  """Sets XLA_FLAGS for `remat` (see the module docstring); True when it changed them.
+
+  XLA reads XLA_FLAGS when JAX starts its first backend, so this must run
+  before anything touches a device; afterwards it raises rather than pretend.
+  """
+  flags = xla_flags_for_remat(os.environ.get('XLA_FLAGS', ''), remat)
+  if flags is None:
+    return False
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError(f'use_remat_scheduler({remat!r}) after JAX started its backends: '
+                       f'XLA_FLAGS is read once; call it before the first device use.')
+  os.environ['XLA_FLAGS'] = flags
+  return True

@@ -1,4 +1,4 @@
-"""Command line: python -m longjax.main --config=pretrain --workdir=DIR [--mode=eval|decode].
+"""Command line: python -m longjax.main --config=pretrain --workdir=DIR [--mode=eval|decode|estimate].
 
 `--config` takes a config name (`pretrain`, `pretrain:local`: a file of the
 packaged `longjax/configs/` or of `configs/` in the current directory) or a
@@ -9,9 +9,10 @@ every field. A bad config, a bad --workdir or a missing config file prints
 FATAL lines naming the flag or field and the fix, and exits 1; bugs keep their
 traceback. On Linux the process restarts itself once with transparent huge
 pages for large host allocations (longjax/hostmem.py; LONGJAX_HUGEPAGES=0
-opts out). Launch commands for a laptop, a GPU node and a Cloud TPU pod slice
-are in README.md, "Launching". The plumbing (config names, --help's text,
-FATAL lines) is in longjax/cli.py.
+opts out), and training with `model.remat` sets XLA's CPU scheduler so that
+remat saves memory there (the same file). Launch commands for a laptop, a GPU
+node and a Cloud TPU pod slice are in README.md, "Launching". The plumbing
+(config names, --help's text, FATAL lines) is in longjax/cli.py.
 """
 import importlib.util
 import logging as pylogging
@@ -51,6 +52,7 @@ from ml_collections import config_flags
 from longjax import cli
 from longjax import data
 from longjax.train import checkpointing
+from longjax.train import estimate
 from longjax.train import evaluation
 from longjax.train import run_identity
 from longjax.train import setup
@@ -63,10 +65,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     'NAME:ARG passes ARG, an attention kind and/or a size.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Checkpoints, metrics and the config go here; resumed from.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'decode'],
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'decode', 'estimate'],
                           'train (resumes if the workdir has checkpoints), eval (evaluates '
-                          'the latest checkpoint at config.eval_seq_len), or decode (generates '
-                          'for the eval split and scores ROUGE / BLEU / exact match).')
+                          'the latest checkpoint at config.eval_seq_len), decode (generates '
+                          'for the eval split and scores ROUGE / BLEU / exact match), or '
+                          'estimate (compiles the train step and prints its memory per '
+                          'device and whether it fits; nothing runs).')
 _PRINT_CONFIG = flags.DEFINE_bool(
     'print_config', False, 'Print every field of the resolved config (the config, its argument '
     'and the overrides; for eval/decode, the run saved in --workdir) and exit.')
@@ -85,11 +89,13 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
 flags.mark_flags_as_required(['config'])
 
 MODES = {'train': trainer.train_and_evaluate, 'eval': evaluation.evaluate,
-         'decode': evaluation.decode_eval}
+         'decode': evaluation.decode_eval, 'estimate': estimate.estimate}
+TRAINING_MODES = ('train', 'estimate')  # They read the config given, not the workdir's.
 MODE_HELP = {
     'train': 'train config.num_train_steps steps (the default); resumes from the workdir',
     'eval': "score the latest checkpoint at config.eval_seq_len, with the run's saved settings",
     'decode': 'generate for the eval split; ROUGE-1/2/L, BLEU, exact match',
+    'estimate': 'compile the train step ahead of time; print its memory and whether it fits',
 }
 def _wants_distributed() -> bool:
   if _DISTRIBUTED.value != 'auto':
@@ -116,18 +122,20 @@ def main(argv):
   logging.get_absl_handler().addFilter(_WithoutOrbaxInfo())
   mode, workdir = _MODE.value, _WORKDIR.value
   try:
-    if workdir is None and not (_PRINT_CONFIG.value and mode == 'train'):
+    if workdir is None and not (_PRINT_CONFIG.value and mode in TRAINING_MODES):
       raise cli.UserError('--workdir is required: the directory for checkpoints, metrics and '
                        'config.json (created if missing), e.g. --workdir=/tmp/run.')
     if _PRINT_CONFIG.value:
       config = _CONFIG.value
-      if mode != 'train':
+      if mode not in TRAINING_MODES:
         config = run_identity.evaluation_config(config, workdir, mode=mode)
       cli.print_config(config)
       return
-    problem = setup.workdir_problem(workdir, create=mode == 'train')
+    problem = setup.workdir_problem(workdir, create=mode in TRAINING_MODES)
     if problem:
       raise cli.UserError(f'--workdir={workdir} {problem}')
+    remat = _CONFIG.value.model.remat if mode in TRAINING_MODES else 'none'
+    scheduler_set = hostmem.use_remat_scheduler(remat)  # Before any device is touched.
     if _wants_distributed():
       # Must come before anything touches a device; missing values are found
       # from the cluster environment (Cloud TPU metadata, SLURM, Open MPI). A
@@ -143,6 +151,10 @@ def main(argv):
                    jax.process_count(), jax.local_device_count())
     logging.info('Large host allocations on transparent huge pages: %s.',
                  'yes' if hostmem.is_on(os.environ) else 'no')
+    if scheduler_set:
+      logging.info('model.remat=%s: XLA_FLAGS += --%s=false, so that recomputed activations '
+                   'are freed on a CPU (longjax/hostmem.py; set the flag in XLA_FLAGS yourself '
+                   'to choose).', remat, hostmem.CPU_SCHEDULER_FLAG)
     if mode == 'train':
       trainer.train_and_evaluate(_CONFIG.value, workdir,
                                  allow_config_change=_ALLOW_CONFIG_CHANGE.value)

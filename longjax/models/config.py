@@ -23,6 +23,12 @@ import jax.numpy as jnp
 from longjax import attention
 
 POSITIONS = ('rope', 't5_bias', 'learned')
+# model.tile_tokens = -1: the default tiling. Untiled, the MLP's hidden
+# activations (3 x mlp_dim per token) and the fp32 logits are the largest
+# arrays of a long step; ~4k-token tiles bound them at a few MB and cost
+# nothing measurable (BENCHMARKS.md, "Tiled MLP and loss").
+AUTO_TILE_FROM = 16384
+AUTO_TILE_TOKENS = 4096
 REMAT_POLICIES = ('none', 'attention', 'dots', 'attention_out', 'full')
 MLP_ACTIVATIONS = ('swiglu', 'geglu', 'gelu', 'relu')
 ARCHS = ('lm', 'encoder_decoder')
@@ -82,6 +88,10 @@ class ModelConfig:
   dtype: Any = 'bfloat16'  # Compute dtype of matmuls (softmax, norms, logits stay fp32).
   param_dtype: Any = 'float32'  # Master weights.
   remat: str = 'none'  # 'none', 'attention' (kernel only), 'dots', 'attention_out', 'full'.
+  # Tokens per tile of the MLP and of the LM head and loss (layers.map_tokens):
+  # 0 = untiled; -1 = AUTO_TILE_TOKENS-token tiles for sequences longer than
+  # AUTO_TILE_FROM, untiled below.
+  tile_tokens: int = -1
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
 
   def __post_init__(self):
@@ -95,6 +105,19 @@ class ModelConfig:
         dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
     for field, value in resolved.items():
       object.__setattr__(self, field, value)
+
+  def token_tiles(self, length: int) -> int:
+    """How many tiles `layers.map_tokens` splits `length` tokens into (1 = untiled):
+    the fewest that divide the length with at most tile_tokens tokens each."""
+    tile = self.tile_tokens
+    if tile == -1:
+      tile = AUTO_TILE_TOKENS if length > AUTO_TILE_FROM else 0
+    if tile == 0 or length <= tile:
+      return 1
+    tiles = -(-length // tile)
+    while length % tiles:
+      tiles += 1
+    return tiles
 
   def layer_kinds(self, num_layers: Optional[int] = None) -> tuple[str, ...]:
     """Attention kind of each layer: the pattern repeated over depth."""
@@ -156,6 +179,8 @@ class ModelConfig:
       fail('positions', f'{self.positions!r} is not one of {POSITIONS}.')
     if self.mlp_activation not in MLP_ACTIVATIONS:
       fail('mlp_activation', f'{self.mlp_activation!r} is not one of {MLP_ACTIVATIONS}.')
+    if self.tile_tokens < -1:
+      fail('tile_tokens', f'must be >= 0 (0: untiled) or -1 (automatic); got {self.tile_tokens}.')
     if self.remat not in REMAT_POLICIES:
       fail('remat', f'{self.remat!r} is not one of {REMAT_POLICIES}.')
     for field in ('dtype', 'param_dtype'):

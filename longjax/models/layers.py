@@ -72,6 +72,33 @@ class Embed(nnx.Module):
     return logits / math.sqrt(x.shape[-1])
 
 
+def map_tokens(fn, xs, tiles: int):
+  """fn over `tiles` tiles of the tokens of xs (a pytree of [b, l, ...] arrays), at once.
+
+  For position-wise work (the MLP, the LM head and its loss): no array of the
+  whole length from inside fn ([l, mlp_dim], [l, vocab]) exists at once, and
+  each tile is rematerialised in the backward pass, so what is saved is xs
+  itself (Arctic Long Sequence Training's tiled MLP and loss, Snowflake 2025;
+  MaxText's vocabulary tiling). Tile j holds tokens j, j + tiles, j + 2 tiles...
+  (a stride, not a contiguous run): a length sharded over devices stays
+  sharded in every tile, so tiling moves nothing between them. tiles = 1: fn(xs).
+  """
+  if tiles == 1:
+    return fn(xs)
+  length = jax.tree.leaves(xs)[0].shape[1]
+  if length % tiles:
+    raise ValueError(f'{tiles} token tiles do not divide the length {length}.')
+
+  def split(x):  # [b, l, ...] -> [tiles, b, l / tiles, ...]
+    return jnp.moveaxis(x.reshape(x.shape[0], length // tiles, tiles, *x.shape[2:]), 2, 0)
+
+  def merge(y):  # the inverse
+    return jnp.moveaxis(y, 0, 2).reshape(y.shape[1], length, *y.shape[3:])
+
+  ys = jax.lax.map(jax.checkpoint(fn), jax.tree.map(split, xs))
+  return jax.tree.map(merge, ys)
+
+
 MLP_ACTIVATIONS = {'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu, 'gelu': jax.nn.gelu,
                    'relu': jax.nn.relu}
 GATED = ('swiglu', 'geglu')
@@ -91,16 +118,22 @@ class MLP(nnx.Module):
     self.activation = activation
     self.dtype = dtype
 
-  def __call__(self, x):
-    w = lambda p: p[...].astype(self.dtype)
+  def __call__(self, x, tiles: int = 1):
+    """x [b, l, dim] -> [b, l, dim]; over `tiles` token tiles (`map_tokens`) when > 1."""
+    w = {name: getattr(self, name)[...].astype(self.dtype)
+         for name in ('wi_gate', 'wi_up', 'wo') if hasattr(self, name)}
     act = MLP_ACTIVATIONS[self.activation]
-    up = jnp.einsum('ble,em->blm', x, w(self.wi_up))
-    if self.activation in GATED:
-      h = act(jnp.einsum('ble,em->blm', x, w(self.wi_gate))) * up
-    else:
-      h = act(up)
-    h = sharding.constrain(h, ('batch', 'length', 'mlp'))
-    return jnp.einsum('blm,me->ble', h, w(self.wo))
+
+    def apply(x):
+      up = jnp.einsum('ble,em->blm', x, w['wi_up'])
+      if self.activation in GATED:
+        h = act(jnp.einsum('ble,em->blm', x, w['wi_gate'])) * up
+      else:
+        h = act(up)
+      h = sharding.constrain(h, ('batch', 'length', 'mlp'))
+      return jnp.einsum('blm,me->ble', h, w['wo'])
+
+    return map_tokens(apply, x, tiles)
 
 
 def apply_rope(x, positions, max_wavelength: float):

@@ -116,7 +116,7 @@ class Block(nnx.Module):
       y = self.cross_attention(self.cross_norm(x), self.cross_attention.project_memory(memory),
                                segment_ids=segment_ids, memory_segment_ids=memory_segment_ids)
       x = x + layers.dropout(y, rate, _layer_key(dropout_key, 1))
-    y = self.mlp(self.mlp_norm(x))
+    y = self.mlp(self.mlp_norm(x), tiles=self.config.token_tiles(x.shape[1]))
     x = x + layers.dropout(y, rate, _layer_key(dropout_key, 2))
     return sharding.constrain(x, ('batch', 'length', 'embed')), aux
 
@@ -128,7 +128,7 @@ class Block(nnx.Module):
                                       lengths=lengths, max_length=max_length, bias_fn=bias_fn,
                                       summary_bias_fn=summary_bias_fn)
     x = x + y
-    x = x + self.mlp(self.mlp_norm(x))
+    x = x + self.mlp(self.mlp_norm(x), tiles=self.config.token_tiles(x.shape[1]))
     return sharding.constrain(x, ('batch', 'length', 'embed')), cache
 
   def decode_step(self, x, positions, cache, memory=None, memory_segment_ids=None, *,
@@ -283,9 +283,15 @@ class TransformerLM(nnx.Module):
     self.embedder = Embedder(config, rngs)
     self.decoder = Stack(config, config.layer_kinds(), causal=True, cross=False, rngs=rngs)
 
-  def __call__(self, inputs, *, segment_ids=None, positions=None, global_mask=None,
-               dropout_key: Optional[jax.Array] = None):
-    """inputs [b, l] int -> (logits [b, l, vocab] fp32, aux).
+  def __call__(self, inputs, **kwargs):
+    """inputs [b, l] int -> (logits [b, l, vocab] fp32, aux); kwargs as `hidden`."""
+    x, aux = self.hidden(inputs, **kwargs)
+    return self.embedder.logits(x), aux
+
+  def hidden(self, inputs, *, segment_ids=None, positions=None, global_mask=None,
+             dropout_key: Optional[jax.Array] = None):
+    """inputs [b, l] int -> (final hidden states [b, l, emb], aux): the logits are
+    `embedder.logits` of them (which the train step takes tile by tile).
 
     segment_ids [b, l]: packed documents attend only within themselves;
     positions [b, l]: position of each token in its document (default 0..l-1);
@@ -299,7 +305,7 @@ class TransformerLM(nnx.Module):
     x = self.embedder.embed(inputs, self.decoder.embedding_positions(positions),
                             _layer_key(dropout_key, EMBEDDING_STREAM))
     x, auxes = self.decoder(x, positions, segment_ids, dropout_key, global_mask=global_mask)
-    return self.embedder.logits(x), _collect_aux(auxes, self.decoder.head_spans())
+    return x, _collect_aux(auxes, self.decoder.head_spans())
 
   # Decoding ---------------------------------------------------------------
   def prefill(self, inputs, lengths, *, max_length: int):
@@ -350,9 +356,13 @@ class EncoderDecoder(nnx.Module):
                             _layer_key(dropout_key, EMBEDDING_STREAM))
     return self.encoder(x, positions, segment_ids, _layer_key(dropout_key, ENCODER_STREAM))
 
-  def decode(self, encoded, decoder_inputs, *, encoder_segment_ids, decoder_segment_ids,
-             decoder_positions=None, dropout_key=None):
-    """Teacher-forced decoder: -> logits [b, t, vocab] fp32."""
+  def decode(self, encoded, decoder_inputs, **kwargs):
+    """Teacher-forced decoder: -> logits [b, t, vocab] fp32; kwargs as `decode_hidden`."""
+    return self.embedder.logits(self.decode_hidden(encoded, decoder_inputs, **kwargs))
+
+  def decode_hidden(self, encoded, decoder_inputs, *, encoder_segment_ids, decoder_segment_ids,
+                    decoder_positions=None, dropout_key=None):
+    """Teacher-forced decoder: -> final hidden states [b, t, emb]."""
     check_length(self.config, decoder_inputs.shape[1], 'target')
     if decoder_positions is None:
       decoder_positions = _default_positions(decoder_inputs)
@@ -361,12 +371,19 @@ class EncoderDecoder(nnx.Module):
     y, _ = self.decoder(y, decoder_positions, decoder_segment_ids,
                         _layer_key(dropout_key, DECODER_STREAM), memory=encoded,
                         memory_segment_ids=encoder_segment_ids)
-    return self.embedder.logits(y)
+    return y
 
-  def __call__(self, inputs, decoder_inputs, *, inputs_segment_ids=None,
-               decoder_segment_ids=None, inputs_positions=None, decoder_positions=None,
-               dropout_key: Optional[jax.Array] = None):
-    """(source [b, s], decoder inputs [b, t]) -> (logits [b, t, vocab] fp32, aux).
+  def __call__(self, inputs, decoder_inputs, **kwargs):
+    """(source [b, s], decoder inputs [b, t]) -> (logits [b, t, vocab] fp32, aux);
+    kwargs as `hidden`."""
+    y, aux = self.hidden(inputs, decoder_inputs, **kwargs)
+    return self.embedder.logits(y), aux
+
+  def hidden(self, inputs, decoder_inputs, *, inputs_segment_ids=None,
+             decoder_segment_ids=None, inputs_positions=None, decoder_positions=None,
+             dropout_key: Optional[jax.Array] = None):
+    """(source [b, s], decoder inputs [b, t]) -> (decoder's final hidden states
+    [b, t, emb], aux).
 
     Segment ids mark real tokens (>= 1) and padding (0); decoder tokens see
     only encoder tokens of the same segment id, so source padding is invisible.
@@ -377,10 +394,10 @@ class EncoderDecoder(nnx.Module):
       decoder_segment_ids = jnp.ones(decoder_inputs.shape, jnp.int32)
     encoded, auxes = self.encode(inputs, segment_ids=inputs_segment_ids,
                                  positions=inputs_positions, dropout_key=dropout_key)
-    logits = self.decode(encoded, decoder_inputs, encoder_segment_ids=inputs_segment_ids,
-                         decoder_segment_ids=decoder_segment_ids,
-                         decoder_positions=decoder_positions, dropout_key=dropout_key)
-    return logits, _collect_aux(auxes, self.encoder.head_spans())
+    y = self.decode_hidden(encoded, decoder_inputs, encoder_segment_ids=inputs_segment_ids,
+                           decoder_segment_ids=decoder_segment_ids,
+                           decoder_positions=decoder_positions, dropout_key=dropout_key)
+    return y, _collect_aux(auxes, self.encoder.head_spans())
 
   # Decoding ---------------------------------------------------------------
   def init_decoding(self, inputs, *, inputs_segment_ids=None, max_length: int):

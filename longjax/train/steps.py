@@ -8,7 +8,8 @@
 Both return metrics already reduced over the batch as *sums* (`nll_sum`,
 `weight_sum`, `correct_sum`, `byte_sum`), so the host only adds numbers and
 divides once per log interval. The loss is computed in fp32 from fp32 logits
-whatever the compute dtype.
+whatever the compute dtype, over `model.tile_tokens` tiles of the tokens
+(`token_scores`), so that no [length, vocab] array exists at once.
 
 Gradient accumulation splits the global batch into `grad_accum_steps`
 micro-batches of interleaved rows (row r goes to micro-batch r mod k), so each
@@ -29,6 +30,7 @@ import optax
 from flax import nnx
 
 from longjax import models
+from longjax.models import layers
 from longjax import sharding
 from longjax.train import metrics
 from longjax.train import run_config
@@ -50,6 +52,7 @@ class StepSettings:
   span_loss_coef: float = 0.0
   token_byte_lengths: Optional[tuple[int, ...]] = None  # per token id; None: no byte count
   exact_match: bool = False  # eval: also count rows whose answer tokens are all right
+  model: Optional[models.ModelConfig] = None  # its token_tiles(length) tile the LM head
 
   @classmethod
   def create(cls, model: models.ModelConfig, loop: run_config.LoopConfig, *, seq2seq: bool,
@@ -61,18 +64,42 @@ class StepSettings:
         z_loss=loop.z_loss, span_loss_coef=float(model.attention.span_loss_coef),
         token_byte_lengths=None if token_byte_lengths is None else tuple(
             int(n) for n in np.asarray(token_byte_lengths)),
-        exact_match=exact_match)
+        exact_match=exact_match, model=model)
+
+  def token_tiles(self, length: int) -> int:
+    return 1 if self.model is None else self.model.token_tiles(length)
 
 
-def forward(graphdef: nnx.GraphDef, params, batch, *, seq2seq: bool, dropout_key=None):
-  """(logits [b, l, vocab] fp32, aux) of the model with `params` on `batch`."""
+def forward(graphdef: nnx.GraphDef, params, batch, settings: 'StepSettings', dropout_key=None):
+  """(nll, objective, correct) per target token [b, l] and the model's aux, with
+  `params` on `batch`: the final hidden states, then the LM head and the loss
+  over the settings' token tiles (`token_scores`)."""
   model = nnx.merge(graphdef, params)
-  if seq2seq:
-    return model(batch['inputs'], batch['decoder_inputs'],
-                 inputs_segment_ids=batch['inputs_segment_ids'],
-                 decoder_segment_ids=batch['decoder_segment_ids'], dropout_key=dropout_key)
-  return model(batch['inputs'], segment_ids=batch['segment_ids'], positions=batch['positions'],
-               global_mask=batch.get('global_mask'), dropout_key=dropout_key)
+  if settings.seq2seq:
+    x, aux = model.hidden(batch['inputs'], batch['decoder_inputs'],
+                          inputs_segment_ids=batch['inputs_segment_ids'],
+                          decoder_segment_ids=batch['decoder_segment_ids'],
+                          dropout_key=dropout_key)
+  else:
+    x, aux = model.hidden(batch['inputs'], segment_ids=batch['segment_ids'],
+                          positions=batch['positions'], global_mask=batch.get('global_mask'),
+                          dropout_key=dropout_key)
+  return token_scores(model.embedder, x, batch['targets'], settings), aux
+
+
+def token_scores(embedder, x, targets, settings: 'StepSettings'):
+  """(nll, objective, correct) per target token of hidden states x [b, l, emb].
+
+  The logits exist one tile of tokens at a time and are recomputed in the
+  backward pass (`layers.map_tokens`); untiled when settings.token_tiles is 1.
+  """
+  def score(tile):
+    x, targets = tile
+    logits = embedder.logits(x)
+    nll, objective = token_losses(logits, targets, settings)
+    return nll, objective, jnp.argmax(logits, axis=-1) == targets
+
+  return layers.map_tokens(score, (x, targets), settings.token_tiles(x.shape[1]))
 
 
 def token_losses(logits, targets, settings: StepSettings):
@@ -94,8 +121,10 @@ def token_losses(logits, targets, settings: StepSettings):
   return nll, objective
 
 
-def batch_sums(logits, nll, batch, settings: StepSettings, aux=None) -> dict[str, jax.Array]:
+def batch_sums(correct, nll, batch, settings: StepSettings, aux=None) -> dict[str, jax.Array]:
   """Weighted sums over the batch: nats, target tokens, correct tokens, UTF-8 bytes.
+
+  correct [b, l]: whether each target is the argmax of its logits.
 
   With the model's `aux`, also its `mean_span` (adaptive span) and the spans
   of each layer and head (`metrics.span_metrics`), which `metrics.add_sums`
@@ -103,7 +132,7 @@ def batch_sums(logits, nll, batch, settings: StepSettings, aux=None) -> dict[str
   """
   targets = batch['targets']
   weights = batch['weights'].astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * weights
+  correct = correct.astype(jnp.float32) * weights
   sums = {
       'nll_sum': jnp.sum(nll * weights),
       'weight_sum': jnp.sum(weights),
@@ -144,9 +173,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   and, for adaptive span, `mean_span`.
   """
   def micro_objective(params, micro_batch, dropout_key):
-    logits, aux = forward(graphdef, params, micro_batch, seq2seq=settings.seq2seq,
-                          dropout_key=dropout_key)
-    nll, objective = token_losses(logits, micro_batch['targets'], settings)
+    (nll, objective, correct), aux = forward(graphdef, params, micro_batch, settings,
+                                             dropout_key=dropout_key)
     weights = micro_batch['weights'].astype(jnp.float32)
     total = jnp.sum(objective * weights)
     if 'span_penalty' in aux:
@@ -154,7 +182,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       # by this micro-batch's weight makes it count exactly once after the
       # division by the total weight below.
       total = total + settings.span_loss_coef * aux['span_penalty'] * jnp.sum(weights)
-    return total, batch_sums(logits, nll, micro_batch, settings, aux)
+    return total, batch_sums(correct, nll, micro_batch, settings, aux)
 
   grad_fn = jax.grad(micro_objective, has_aux=True)
 
@@ -216,8 +244,7 @@ def make_eval_step(graphdef: nnx.GraphDef, settings: StepSettings) -> Callable:
   """eval_step(params, batch) -> sums (no dropout); trace it under `sharding.axis_rules`."""
   def eval_step(params, batch):
     batch = _constrain_batch(batch)
-    logits, aux = forward(graphdef, params, batch, seq2seq=settings.seq2seq)
-    nll, _ = token_losses(logits, batch['targets'], settings)
-    return batch_sums(logits, nll, batch, settings, aux)
+    (nll, _, correct), aux = forward(graphdef, params, batch, settings)
+    return batch_sums(correct, nll, batch, settings, aux)
 
   return eval_step

@@ -24,6 +24,7 @@ import ml_collections
 
 from longjax import data
 from longjax import sharding
+from longjax.train import estimate
 from longjax.train import metrics
 from longjax.train import preemption
 from longjax.train import run_identity
@@ -84,7 +85,7 @@ def _train(run, recorded, began, checkpoints, writer, profiler, stop, train_iter
 
   Returns the final state and the final line's printer (called once the saves are written).
   """
-  loop, mesh = run.config.loop, run.mesh
+  loop = run.config.loop
   check_finite = functools.partial(_check_finite, checkpoints=checkpoints,
                                    grad_clip=run.config.optimizer.grad_clip)
   writer.write_hparams(recorded.to_dict())
@@ -106,16 +107,9 @@ def _train(run, recorded, began, checkpoints, writer, profiler, stop, train_iter
 
   # The train step, compiled once before the first step, and the evaluator.
   seq_len = run.config.data.seq_len
-  batches = Batches(run.config.data, mesh, run.rules)
-  train_step = jax.jit(
-      steps.make_train_step(run.graphdef, run.tx, run.schedule, run.step_settings(),
-                            run.shardings.params),
-      in_shardings=(run.shardings, batches.shardings(seq_len)),
-      out_shardings=(run.shardings, run.replicated),
-      donate_argnums=0)
-  with sharding.axis_rules(mesh, run.rules):
-    train_step = train_step.lower(run.abstract_state, batches.abstract(seq_len)).compile()
+  train_step, batches = compile_train_step(run)
   compiled_memory = metrics.log_memory(train_step)
+  estimate.warn_if_too_large(estimate.plan(train_step, run))
   evaluator = Evaluator(run)
   samples = Samples(run)
 
@@ -179,6 +173,21 @@ def _train(run, recorded, began, checkpoints, writer, profiler, stop, train_iter
   return state, functools.partial(
       _final_line, 'train done', run, began, loop_began, start_step, loop.num_train_steps,
       batches.tokens_per_step(seq_len), last_train, last_eval)
+
+
+def compile_train_step(run):
+  """(the train step compiled for the run's state and batch shapes, its Batches):
+  ahead of time, from abstract values (nothing is allocated)."""
+  seq_len = run.config.data.seq_len
+  batches = Batches(run.config.data, run.mesh, run.rules)
+  train_step = jax.jit(
+      steps.make_train_step(run.graphdef, run.tx, run.schedule, run.step_settings(),
+                            run.shardings.params),
+      in_shardings=(run.shardings, batches.shardings(seq_len)),
+      out_shardings=(run.shardings, run.replicated),
+      donate_argnums=0)
+  with sharding.axis_rules(run.mesh, run.rules):
+    return train_step.lower(run.abstract_state, batches.abstract(seq_len)).compile(), batches
 
 
 def _final_line(headline, run, began, loop_began, start_step, step, tokens_per_step, train_loss,

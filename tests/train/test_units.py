@@ -41,7 +41,8 @@ def test_batch_sums_count_bytes_and_exact_matches():
   batch = {'targets': jnp.array([[4, 4, 1], [4, 0, 0]]),
            'weights': jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])}
   lengths = (0, 0, 0, 1, 2)
-  sums = steps.batch_sums(logits, jnp.ones((2, 3)), batch,
+  correct = jnp.argmax(logits, axis=-1) == batch['targets']
+  sums = steps.batch_sums(correct, jnp.ones((2, 3)), batch,
                           _settings(token_byte_lengths=lengths, exact_match=True))
   assert float(sums['weight_sum']) == 4 and float(sums['nll_sum']) == 4
   assert float(sums['correct_sum']) == 3
