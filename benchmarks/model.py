@@ -107,7 +107,8 @@ def run_point(args):
   inputs, targets = ids[:, :-1], ids[:, 1:]
 
   from longjax.train import steps
-  settings = steps.StepSettings(seq2seq=False, seed=0, dropout=False, model=config)
+  settings = steps.StepSettings(seq2seq=False, seed=0, dropout=False,
+                                tile_tokens=config.tile_tokens)
 
   def loss(params, inputs, targets):
     model = nnx.merge(graphdef, params)

@@ -52,7 +52,6 @@ from ml_collections import config_flags
 from longjax import cli
 from longjax import data
 from longjax.train import checkpointing
-from longjax.train import estimate
 from longjax.train import evaluation
 from longjax.train import run_identity
 from longjax.train import setup
@@ -89,7 +88,7 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
 flags.mark_flags_as_required(['config'])
 
 MODES = {'train': trainer.train_and_evaluate, 'eval': evaluation.evaluate,
-         'decode': evaluation.decode_eval, 'estimate': estimate.estimate}
+         'decode': evaluation.decode_eval, 'estimate': trainer.estimate_memory}
 TRAINING_MODES = ('train', 'estimate')  # They read the config given, not the workdir's.
 MODE_HELP = {
     'train': 'train config.num_train_steps steps (the default); resumes from the workdir',

@@ -261,6 +261,18 @@ def merge(parts: Sequence[Part], dtype) -> jax.Array:
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, l, hk * g, d)
 
 
+def shift(x, axis: int, by: int):
+  """x shifted along `axis` so that out[C] = x[C - by] (zeros where missing).
+
+  One lax.pad with low = by, high = -by: the axis keeps its length, so under
+  sequence sharding GSPMD moves |by| entries between neighbouring shards (a
+  halo), where padding then slicing changes the length and re-shards.
+  """
+  config = [(0, 0, 0)] * x.ndim
+  config[axis] = (by, -by, 0)
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
 def neighbor_blocks(x, *, before: int, after: int, axis: int = 1):
   """Concatenates each block with its neighbours along the following axis.
 
@@ -273,14 +285,9 @@ def neighbor_blocks(x, *, before: int, after: int, axis: int = 1):
   a padded axis no longer divides the mesh and forced a re-shard of the whole
   array (6.25 MiB per layer at 64k on 8 shards instead of 0.5; kernels study).
   """
-  zero = jnp.zeros((), x.dtype)
-
-  def shifted(j):  # block m of the result is block m + j of x
-    config = [(0, 0, 0)] * x.ndim
-    config[axis] = (-j, j, 0)
-    return jax.lax.pad(x, zero, config)
-
-  return jnp.concatenate([shifted(j) for j in range(-before, after + 1)], axis=axis + 1)
+  # Block m of each piece is block m + j of x.
+  return jnp.concatenate([shift(x, axis, -j) for j in range(-before, after + 1)],
+                         axis=axis + 1)
 
 
 def segment_bounds(segment_ids):

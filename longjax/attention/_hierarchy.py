@@ -44,17 +44,6 @@ import numpy as np
 from longjax.attention import _core
 
 
-def shift(x, axis: int, by: int):
-  """x shifted along `axis` so that out[C] = x[C - by] (zeros where missing).
-
-  One lax.pad with low = by, high = -by: the axis keeps its length, so GSPMD
-  moves |by| entries between neighbouring shards (as `_core.neighbor_blocks`).
-  """
-  config = [(0, 0, 0)] * x.ndim
-  config[axis] = (by, -by, 0)
-  return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
-
-
 def _split(x, axis: int, sizes):
   """Reshapes axis `axis` of x into `sizes`."""
   return x.reshape(x.shape[:axis] + tuple(sizes) + x.shape[axis + 1:])
@@ -112,9 +101,10 @@ class StaticLevels:
   def window(self, x, level: int, axis: int, *, causal: bool = False):
     """[.., size (axis), ..] -> [.., K, W, ..]: each chunk's LEFT (, RIGHT) block."""
     blocked = _split(x, axis, (self.chunks(level), self.block))
-    left = shift(blocked, axis, 1)
-    return left if causal else jnp.concatenate([left, shift(blocked, axis, -1)], axis=axis + 1)
-
+    left = _core.shift(blocked, axis, 1)
+    if causal:
+      return left
+    return jnp.concatenate([left, _core.shift(blocked, axis, -1)], axis=axis + 1)
 
 
 class SegmentLevels:
@@ -224,7 +214,7 @@ class SegmentLevels:
     zeros = jnp.zeros((4 * b,) + x.shape[3:], x.dtype)
     scatter = lambda xs, ts: zeros.at[ts].add(xs, mode='drop')
     y = jax.vmap(jax.vmap(scatter))(x, target)  # [batch, S, 4b, ...]
-    y = y[:, :, :2 * b] + shift(y[:, :, 2 * b:], 1, -1)  # the span before's, from the next
+    y = y[:, :, :2 * b] + _core.shift(y[:, :, 2 * b:], 1, -1)  # the span before's, from the next
     return jnp.moveaxis(_merge(y, 1, 2), 1, axis)
 
   def interpolate(self, part: _core.Part, level: int) -> _core.Part:
@@ -236,7 +226,8 @@ class SegmentLevels:
     def down(x, fill):
       x = _split(jnp.moveaxis(x, 3, 1), 1, (spans, 2 * b))  # [batch, S, 2b, ...]
       empty = jnp.full(x.shape[:2] + (1,) + x.shape[3:], fill, x.dtype)
-      source = jnp.concatenate([x, shift(x, 1, 1), empty], axis=2)  # own span, the one before
+      # Its own span's slots, the span before's, and an empty one.
+      source = jnp.concatenate([x, _core.shift(x, 1, 1), empty], axis=2)
       y = jax.vmap(jax.vmap(lambda s, t: s[t]))(source, target)  # [batch, S, items, ...]
       y = jax.lax.slice_in_dim(_merge(y, 1, 2), 0, size, axis=1)
       return jnp.moveaxis(y, 1, 3)
@@ -254,14 +245,14 @@ class SegmentLevels:
     # Each span picks the lane its successor's later block needs before
     # sending it, so one block per direction crosses a shard boundary.
     k = self._chunk[level]['k'].reshape(self.batch, spans, 2)[:, :, 1]
-    needs_first = shift(k == 1, 1, -1).reshape(
+    needs_first = _core.shift(k == 1, 1, -1).reshape(
         (self.batch,) + (1,) * (axis - 1) + (spans,) + (1,) * (x.ndim - axis))
-    left = shift(jnp.where(needs_first, lane(blocked, 0), lane(blocked, 1)), axis, 1)
+    left = _core.shift(jnp.where(needs_first, lane(blocked, 0), lane(blocked, 1)), axis, 1)
     left = jnp.stack([jnp.zeros_like(left), left], axis=axis + 1)  # a first block: none
     blocks = lambda y: _merge(y, axis, 2)  # [.., K, b, ..]
     if causal:
       return blocks(left)
-    after = shift(lane(blocked, 1), axis, -1)
+    after = _core.shift(lane(blocked, 1), axis, -1)
     right = jnp.stack([after, after], axis=axis + 1)
     return jnp.concatenate([blocks(left), blocks(right)], axis=axis + 1)
 

@@ -24,9 +24,9 @@ from longjax import attention
 
 POSITIONS = ('rope', 't5_bias', 'learned')
 # model.tile_tokens = -1: the default tiling. Untiled, the MLP's hidden
-# activations (3 x mlp_dim per token) and the fp32 logits are the largest
-# arrays of a long step; ~4k-token tiles bound them at a few MB and cost
-# nothing measurable (BENCHMARKS.md, "Tiled MLP and loss").
+# activations (3 x mlp_dim per token) and the fp32 logits are among the
+# largest arrays of a long step; 4k-token tiles bound them at a few MB
+# (BENCHMARKS.md, "Memory of one step"; their cost in speed is not measured yet).
 AUTO_TILE_FROM = 16384
 AUTO_TILE_TOKENS = 4096
 REMAT_POLICIES = ('none', 'attention', 'dots', 'attention_out', 'full')
@@ -107,17 +107,7 @@ class ModelConfig:
       object.__setattr__(self, field, value)
 
   def token_tiles(self, length: int) -> int:
-    """How many tiles `layers.map_tokens` splits `length` tokens into (1 = untiled):
-    the fewest that divide the length with at most tile_tokens tokens each."""
-    tile = self.tile_tokens
-    if tile == -1:
-      tile = AUTO_TILE_TOKENS if length > AUTO_TILE_FROM else 0
-    if tile == 0 or length <= tile:
-      return 1
-    tiles = -(-length // tile)
-    while length % tiles:
-      tiles += 1
-    return tiles
+    return token_tiles(length, self.tile_tokens)
 
   def layer_kinds(self, num_layers: Optional[int] = None) -> tuple[str, ...]:
     """Attention kind of each layer: the pattern repeated over depth."""
@@ -231,6 +221,20 @@ class ModelConfig:
     if lacking:
       fail('attention.implementation', f'{a.implementation!r} does not compute '
            f"{', '.join(lacking)} attention. Use 'auto'.")
+
+
+def token_tiles(length: int, tile_tokens: int) -> int:
+  """How many tiles `layers.map_tokens` splits `length` tokens into (1 = untiled):
+  the fewest that divide the length with at most tile_tokens tokens each
+  (model.tile_tokens; -1: AUTO_TILE_TOKENS beyond AUTO_TILE_FROM)."""
+  if tile_tokens == -1:
+    tile_tokens = AUTO_TILE_TOKENS if length > AUTO_TILE_FROM else 0
+  if tile_tokens == 0 or length <= tile_tokens:
+    return 1
+  tiles = -(-length // tile_tokens)
+  while length % tiles:
+    tiles += 1
+  return tiles
 
 
 def parse_layer_pattern(pattern) -> tuple[str, ...]:

@@ -80,8 +80,9 @@ def map_tokens(fn, xs, tiles: int):
   each tile is rematerialised in the backward pass, so what is saved is xs
   itself (Arctic Long Sequence Training's tiled MLP and loss, Snowflake 2025;
   MaxText's vocabulary tiling). Tile j holds tokens j, j + tiles, j + 2 tiles...
-  (a stride, not a contiguous run): a length sharded over devices stays
-  sharded in every tile, so tiling moves nothing between them. tiles = 1: fn(xs).
+  (a stride, not a contiguous run), so that a length sharded over devices can
+  stay sharded in every tile (when the shards divide l / tiles; the bytes this
+  moves on a sequence mesh are not measured yet). tiles = 1: fn(xs).
   """
   if tiles == 1:
     return fn(xs)

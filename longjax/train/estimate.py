@@ -1,12 +1,12 @@
 """Will this run fit? `python -m longjax.main --config=... --workdir=DIR --mode=estimate`.
 
-Compiles the train step ahead of time, from abstract shapes (no data read, no
-state allocated: MaxText's `train_compile` idea), and reports what one device
-holds: the parameters, the optimizer state and the batch (the step's
-arguments), the peak of its temporaries from XLA's memory analysis, and the
-verdict against the device's memory. Training logs the same plan after its
-step compiles and warns, before the first step, when it will not fit
-(`warn_if_too_large`).
+`trainer.estimate_memory` compiles the train step ahead of time, from
+abstract shapes (no data read, no state allocated: MaxText's `train_compile`
+idea), and prints its `plan`: what one device holds, the parameters, the
+optimizer state and the batch (the step's arguments), the peak of its
+temporaries from XLA's memory analysis, and the verdict against the device's
+memory. Training makes the same plan once its step compiles and warns, before
+the first step, when it will not fit (`warn_if_too_large`).
 
 The device's memory: an accelerator's `bytes_limit`; on a CPU, the host's
 available memory (MemAvailable) shared by its local devices. XLA's plan
@@ -16,10 +16,13 @@ allocator add to it (BENCHMARKS.md compares the plan with measured peaks).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 from absl import logging
 import jax
+
+from longjax.train import state as state_lib
 
 # A plan above this share of the device's memory is reported as not fitting:
 # the runtime, the input pipeline and fragmentation need the rest.
@@ -78,16 +81,8 @@ def _on_cpu() -> bool:
 
 def _per_device_bytes(tree) -> int:
   """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the first device's)."""
-  total = 0
-  for leaf in jax.tree.leaves(tree):
-    shape = leaf.shape
-    if getattr(leaf, 'sharding', None) is not None:
-      shape = leaf.sharding.shard_shape(leaf.shape)
-    size = 1
-    for n in shape:
-      size *= n
-    total += size * leaf.dtype.itemsize
-  return total
+  shard = lambda x: x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+  return sum(math.prod(shard(x)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def device_memory() -> tuple[Optional[int], int]:
@@ -104,20 +99,21 @@ def device_memory() -> tuple[Optional[int], int]:
   return (int(limit) if limit else None), 1
 
 
-def plan(compiled, run) -> MemoryPlan:
-  """The MemoryPlan of a compiled train step of `run` (setup.Run)."""
+def plan(compiled, run) -> Optional[MemoryPlan]:
+  """The MemoryPlan of a compiled train step of `run` (setup.Run); None where the
+  backend gives no memory analysis."""
   stats = compiled.memory_analysis()
+  if stats is None:
+    return None
   state = run.abstract_state
   params = _per_device_bytes(state.params)
   opt_state = _per_device_bytes(state.opt_state)
-  arguments = stats.argument_size_in_bytes if stats else params + opt_state
   memory, sharing = device_memory()
   return MemoryPlan(
       params=params, optimizer_state=opt_state,
-      batch=max(0, arguments - params - opt_state - _per_device_bytes(state.step)),
-      temporaries=stats.temp_size_in_bytes if stats else 0,
-      outputs_not_donated=max(0, stats.output_size_in_bytes - stats.alias_size_in_bytes)
-      if stats else 0,
+      batch=max(0, stats.argument_size_in_bytes - _per_device_bytes(state)),
+      temporaries=stats.temp_size_in_bytes,
+      outputs_not_donated=max(0, stats.output_size_in_bytes - stats.alias_size_in_bytes),
       device_memory=memory, devices_sharing=sharing)
 
 
@@ -126,28 +122,18 @@ _ADVICE = ('set model.remat (full), lower model.tile_tokens, shard the sequence 
            'loop.grad_accum_steps')
 
 
-def warn_if_too_large(memory_plan: MemoryPlan) -> None:
-  if memory_plan.fits is False:
+def warn_if_too_large(memory_plan: Optional[MemoryPlan]) -> None:
+  if memory_plan is not None and memory_plan.fits is False:
     logging.warning('This train step will probably not fit: %s. To fit, %s.',
                     '; '.join(' '.join(line.split()) for line in memory_plan.lines()[-3:]),
                     _ADVICE)
 
 
-def estimate(config, workdir: str) -> MemoryPlan:
-  """--mode=estimate: validates, compiles the step ahead of time, prints its memory plan."""
-  # pylint: disable=g-import-not-at-top  (trainer imports this module)
-  from longjax.train import setup
-  from longjax.train import state as state_lib
-  from longjax.train import trainer
-  run = setup.build_run(config, workdir)
-  compiled, batches = trainer.compile_train_step(run)
-  memory_plan = plan(compiled, run)
-  seq_len = run.config.data.seq_len
+def report(memory_plan: MemoryPlan, run, tokens_per_step: int) -> str:
+  """What --mode=estimate prints (`trainer.estimate_memory`)."""
   header = (f'Memory of one train step: {state_lib.num_params(run.abstract_state.params):,} '
-            f'parameters, {batches.tokens_per_step(seq_len):,} tokens per step, mesh '
-            f'{dict(run.mesh.shape)}')
+            f'parameters, {tokens_per_step:,} tokens per step, mesh {dict(run.mesh.shape)}')
   text = '\n'.join([header] + ['  ' + line for line in memory_plan.lines()])
   if memory_plan.fits is False:
     text += f'\nTo fit, {_ADVICE}.'
-  print(text, flush=True)
-  return memory_plan
+  return text

@@ -52,7 +52,7 @@ class StepSettings:
   span_loss_coef: float = 0.0
   token_byte_lengths: Optional[tuple[int, ...]] = None  # per token id; None: no byte count
   exact_match: bool = False  # eval: also count rows whose answer tokens are all right
-  model: Optional[models.ModelConfig] = None  # its token_tiles(length) tile the LM head
+  tile_tokens: int = 0  # model.tile_tokens: the LM head and loss over token tiles
 
   @classmethod
   def create(cls, model: models.ModelConfig, loop: run_config.LoopConfig, *, seq2seq: bool,
@@ -64,10 +64,7 @@ class StepSettings:
         z_loss=loop.z_loss, span_loss_coef=float(model.attention.span_loss_coef),
         token_byte_lengths=None if token_byte_lengths is None else tuple(
             int(n) for n in np.asarray(token_byte_lengths)),
-        exact_match=exact_match, model=model)
-
-  def token_tiles(self, length: int) -> int:
-    return 1 if self.model is None else self.model.token_tiles(length)
+        exact_match=exact_match, tile_tokens=model.tile_tokens)
 
 
 def forward(graphdef: nnx.GraphDef, params, batch, settings: 'StepSettings', dropout_key=None):
@@ -91,7 +88,7 @@ def token_scores(embedder, x, targets, settings: 'StepSettings'):
   """(nll, objective, correct) per target token of hidden states x [b, l, emb].
 
   The logits exist one tile of tokens at a time and are recomputed in the
-  backward pass (`layers.map_tokens`); untiled when settings.token_tiles is 1.
+  backward pass (`layers.map_tokens`), as many as settings.tile_tokens gives.
   """
   def score(tile):
     x, targets = tile
@@ -99,7 +96,8 @@ def token_scores(embedder, x, targets, settings: 'StepSettings'):
     nll, objective = token_losses(logits, targets, settings)
     return nll, objective, jnp.argmax(logits, axis=-1) == targets
 
-  return layers.map_tokens(score, (x, targets), settings.token_tiles(x.shape[1]))
+  tiles = models.config.token_tiles(x.shape[1], settings.tile_tokens)
+  return layers.map_tokens(score, (x, targets), tiles)
 
 
 def token_losses(logits, targets, settings: StepSettings):

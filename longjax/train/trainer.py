@@ -190,6 +190,20 @@ def compile_train_step(run):
     return train_step.lower(run.abstract_state, batches.abstract(seq_len)).compile(), batches
 
 
+def estimate_memory(config: ml_collections.ConfigDict, workdir: str) -> estimate.MemoryPlan:
+  """--mode=estimate: validates, compiles the train step ahead of time and prints
+  its memory per device and whether it fits (`longjax/train/estimate.py`)."""
+  run = build_run(config, workdir)
+  compiled, batches = compile_train_step(run)
+  memory_plan = estimate.plan(compiled, run)
+  if memory_plan is None:
+    raise ValueError(f'{jax.devices()[0].platform}: XLA gives no memory analysis of compiled '
+                     f'programs here, so --mode=estimate has nothing to report.')
+  print(estimate.report(memory_plan, run, batches.tokens_per_step(run.config.data.seq_len)),
+        flush=True)
+  return memory_plan
+
+
 def _final_line(headline, run, began, loop_began, start_step, step, tokens_per_step, train_loss,
                 eval_summary):
   """The run's closing line; tokens/s is the loop's average, evaluations included."""
