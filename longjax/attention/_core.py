@@ -11,7 +11,9 @@ unnormalised statistics of flash attention for every query,
 and `merge` combines any number of parts exactly (the log-sum-exp merge of
 Rabe & Staats 2021 / FlashAttention). `w_k` is an optional multiplicative
 weight (the soft span mask of adaptive span); additive terms (position bias,
-the log-count of a pooled key) go into the score.
+the log-count of a pooled key) go into the score. A part over blocked keys is
+computed by `_blocks.attend_blocks`, whose backward recomputes the score tiles
+instead of saving them (FlashAttention's backward).
 
 Layout conventions (internal):
   * heads-major: queries [batch, kv_heads, group, length, dim] (query head
@@ -179,35 +181,6 @@ def softmax_stats(scores, mask, weight=None):
   if weight is not None:
     probs = probs * weight
   return row_max[..., 0], probs, jnp.sum(probs, axis=-1)
-
-
-def attend_blocks(q, k, v, *, mask, bias=None, log_weight=None, weight=None) -> Part:
-  """One part over blocked keys: each block of queries attends its block of keys.
-
-  Args:
-    q: [b, kv_heads, n, group, tq, d], already multiplied by the softmax scale.
-    k, v: [b, kv_heads, n, tk, d].
-    mask: bool, broadcastable to [b, kv_heads, n, group, tq, tk].
-    bias: additive f32, broadcastable like mask.
-    log_weight: additive f32 per key, broadcastable like mask (e.g. the log of
-      how many tokens a pooled key stands for).
-    weight: multiplicative f32 (adaptive span's soft mask), broadcastable like
-      mask; keys with weight 0 must also be masked.
-  Returns:
-    A Part with queries flattened block-major: [b, kv_heads, group, n * tq(, d)].
-  """
-  scores = jnp.einsum('bhngqd,bhnkd->bhngqk', q, k, preferred_element_type=jnp.float32)
-  if bias is not None:
-    scores = scores + bias
-  if log_weight is not None:
-    scores = scores + log_weight
-  row_max, probs, row_sum = softmax_stats(scores, mask, weight)
-  out = jnp.einsum('bhngqk,bhnkd->bhngqd', probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  b, hk, n, g, tq, d = out.shape
-  rows = lambda x: jnp.swapaxes(x, 2, 3).reshape(b, hk, g, n * tq)
-  return Part(rows(row_max), rows(row_sum),
-              jnp.swapaxes(out, 2, 3).reshape(b, hk, g, n * tq, d))
 
 
 def attend_per_query(q, k, v, *, mask, bias=None, log_weight=None) -> Part:

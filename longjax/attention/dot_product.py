@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from longjax import sharding
-from longjax.attention import _core, band, implementations, ring, spec
+from longjax.attention import _blocks, _core, band, implementations, ring, spec
 from longjax.attention.local import window_group
 
 # From this many sequence shards on, 'auto' passes keys around a ring instead of
@@ -95,7 +95,7 @@ def dot_product(q, k, v, *, causal: bool = False, segment_ids=None,
   bias = None
   if bias_fn is not None:
     bias = _core.bias_tile(bias_fn, rel, kv_heads)[None, :, None]
-  part = _core.attend_blocks(qh, kh, vh, mask=mask, bias=bias)
+  part = _blocks.attend_blocks(qh, kh, vh, mask=mask, bias=bias)
   return _core.merge([part], q.dtype)
 
 

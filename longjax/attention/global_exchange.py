@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from longjax import sharding
-from longjax.attention import _core
+from longjax.attention import _blocks, _core
 from longjax.attention.global_local import (Globals, _bias, _gather, _global_rows, _tiles,
                                             global_table)
 
@@ -171,7 +171,7 @@ def _keys_part(qh, kh, vh, tiles, ext_pos, ext_start, ext_valid, ext_k, ext_v, *
   values = jnp.concatenate([_gather(vh, pos, 2), over_tiles(ext_v)], axis=3)
   qb = jnp.swapaxes(_core.pad_axis(qh, 3, n * tile).reshape(
       batch, kv_heads, -1, n, tile, dim), 2, 3)  # [b, hk, n, g, T, d]
-  part = _core.attend_blocks(qb, keys, values, mask=mask[:, None, :, None],
+  part = _blocks.attend_blocks(qb, keys, values, mask=mask[:, None, :, None],
                              bias=None if bias_fn is None else _bias(bias_fn, rel, kv_heads))
   return _core.slice_part(part, m)
 
@@ -190,7 +190,7 @@ def _external_rows(ext_q, gk, gv, ext_pos, ext_start, ext_valid, *, start, offse
     mask = mask & (rel >= 0)
   blocks = lambda x: _core.pad_axis(x, 2, n * tile).reshape(batch, kv_heads, n, tile, dim)
   queries = jnp.broadcast_to(ext_q[:, :, None], (batch, kv_heads, n) + ext_q.shape[2:])
-  part = _core.attend_blocks(queries, blocks(gk), blocks(gv), mask=mask[:, None, :, None],
+  part = _blocks.attend_blocks(queries, blocks(gk), blocks(gv), mask=mask[:, None, :, None],
                              bias=None if bias_fn is None else _bias(bias_fn, rel, kv_heads))
   slots = ext_q.shape[3]
   per_tile = lambda x: x.reshape(x.shape[:3] + (n, slots) + x.shape[4:])

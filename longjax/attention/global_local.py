@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from longjax import sharding
-from longjax.attention import _core, band, implementations, pallas_gpu, spec
+from longjax.attention import _blocks, _core, band, implementations, pallas_gpu, spec
 from longjax.attention.local import (default_block, ring_length, window_group, window_part,
                                      window_visible)
 
@@ -298,7 +298,7 @@ def _global_keys_part(qh, kh, vh, tiles, *, causal: bool, bias_fn,
     mask = mask & outside[:, :, None, :]
   qb = jnp.swapaxes(_core.pad_axis(qh, 3, n * tile).reshape(
       batch, kv_heads, -1, n, tile, dim), 2, 3)  # [b, hk, n, g, T, d]
-  part = _core.attend_blocks(
+  part = _blocks.attend_blocks(
       qb, _gather(kh, pos, 2), _gather(vh, pos, 2), mask=mask[:, None, :, None],
       bias=None if bias_fn is None else _bias(bias_fn, rel, kv_heads))
   return _core.slice_part(part, length)
@@ -317,7 +317,7 @@ def _global_rows(gq, gk, gv, tiles, *, length: int, causal: bool, bias_fn) -> _c
     mask = mask & (rel >= 0)
   blocks = lambda x: _core.pad_axis(x, 2, n * tile).reshape(batch, kv_heads, n, tile, -1)
   queries = jnp.swapaxes(_gather(gq, pos, 3), 2, 3)  # [b, hk, n, g, s, d]
-  part = _core.attend_blocks(queries, blocks(gk), blocks(gv), mask=mask[:, None, :, None],
+  part = _blocks.attend_blocks(queries, blocks(gk), blocks(gv), mask=mask[:, None, :, None],
                              bias=None if bias_fn is None else _bias(bias_fn, rel, kv_heads))
   return _merge_by_position(part, pos, valid, length)
 

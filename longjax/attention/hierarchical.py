@@ -102,7 +102,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import _core, _hierarchy, implementations, spec
+from longjax.attention import _blocks, _core, _hierarchy, implementations, spec
 from longjax.attention.local import ring_length, window_group, window_part
 
 
@@ -170,7 +170,7 @@ def _coarse_part(ql, kl, vl, layout, level: int, *, causal: bool, bias_fn) -> _c
   if bias_fn is not None:
     bias = _core.bias_tile(bias_fn, rel, hk)[None, :, None]
   log_count = jnp.log(jnp.maximum(count, 1.0))
-  return _core.attend_blocks(qb, kw, vw, mask=mask[:, None, :, None], bias=bias,
+  return _blocks.attend_blocks(qb, kw, vw, mask=mask[:, None, :, None], bias=bias,
                              log_weight=log_count[:, None, :, None, None, :])
 
 
@@ -226,7 +226,7 @@ def _level0_segments(qh, kh, vh, *, block: int, causal: bool, segment_ids, start
   if bias_fn is not None:
     tile_rel = np.arange(block)[:, None] - np.arange(width)[None, :] + before * block
     bias = _core.bias_tile(bias_fn, tile_rel, hk)[None, :, None]
-  part = _core.attend_blocks(qb, kw, vw, mask=mask[:, None, :, None], bias=bias)
+  part = _blocks.attend_blocks(qb, kw, vw, mask=mask[:, None, :, None], bias=bias)
   return _core.slice_part(part, length)
 
 

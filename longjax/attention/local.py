@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import _core, band, implementations, spec
+from longjax.attention import _blocks, _core, band, implementations, spec
 
 # Smallest block used for tiny radii: very small tiles waste the matmul units
 # and give XLA thousands of tiny blocks.
@@ -106,7 +106,7 @@ def window_part(q, k, v, *, block: int, before: int, after: int,
   if weight_fn is not None:
     weight = weight_fn(rel)[None, :, None]  # [1, hk, 1, g, block, width]
     mask = mask & (weight > 0)
-  part = _core.attend_blocks(qb, kw, vw, mask=mask, bias=bias, weight=weight)
+  part = _blocks.attend_blocks(qb, kw, vw, mask=mask, bias=bias, weight=weight)
   return _core.slice_part(part, length)
 
 

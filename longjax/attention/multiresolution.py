@@ -47,7 +47,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import _core, implementations, _pooling, spec
+from longjax.attention import _blocks, _core, implementations, _pooling, spec
 from longjax.attention.hierarchical import level0_visible, levels_cache_layout, num_levels
 from longjax.attention.local import window_group, window_part
 
@@ -106,7 +106,7 @@ def _coarse_level(qh, kh, vh, *, level, block, causal, segment_ids, bias_fn):
     rel = r - tc * f - f // 2  # query_pos - middle of the coarse group
     bias = _core.bias_tile(bias_fn, rel, hk)[None, :, None]
   log_count = jnp.log(jnp.maximum(to_window(pooled.count, 1), 1.0))  # [b, n, width]
-  part = _core.attend_blocks(qb, kw, vw, mask=mask[:, None, :, None], bias=bias,
+  part = _blocks.attend_blocks(qb, kw, vw, mask=mask[:, None, :, None], bias=bias,
                              log_weight=log_count[:, None, :, None, None, :])
   return _core.slice_part(part, length)
 

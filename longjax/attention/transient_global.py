@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
 
-from longjax.attention import _core, implementations, spec
+from longjax.attention import _blocks, _core, implementations, spec
 from longjax.attention.local import (default_block, ring_length, window_group, window_part,
                                      window_visible)
 
@@ -168,7 +168,7 @@ def transient_global(q, k, v, *, summary_k, summary_v, radius: int, summary_bloc
     rel = layout.query_block[:, :, None] - layout.block[:, None, :]
     bias = jnp.moveaxis(_core.bias_heads(summary_bias_fn, rel, kv_heads), (3, 4), (1, 2))
     bias = bias[:, :, None]
-  summaries = _core.attend_blocks(qh[:, :, None], _core.heads_major(summary_k)[:, :, None],
+  summaries = _blocks.attend_blocks(qh[:, :, None], _core.heads_major(summary_k)[:, :, None],
                                   _core.heads_major(summary_v)[:, :, None],
                                   mask=mask[:, None, None, None], bias=bias)
   return _core.merge([window, summaries], q.dtype)

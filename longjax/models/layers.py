@@ -8,6 +8,7 @@ dtype where they are used; norms, softmax and logits are computed in fp32.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -49,9 +50,17 @@ class RMSNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+    return _rms_norm(x, self.scale[...], self.eps, self.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def _rms_norm(x, scale, eps, dtype):
+  # Rematerialised: left to autodiff, each norm saves three float32 copies of
+  # its input for the backward (12 bytes per element, 27 of the 51 KB per
+  # token a 4-layer d=256 LM saved); recomputing them is one elementwise pass.
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (x32 * scale.astype(jnp.float32)).astype(dtype)
 
 
 class Embed(nnx.Module):
