@@ -11,8 +11,14 @@ reads every run workdir under the given paths (a directory holding
     of its own with `eval_seq_len` N, never merged into the training row;
   * `<metric>_vs_length.png` for each eval and decode metric present, one line
     per attention (mean over seeds, the spread as error bars), at each run's
-    own training length;
-  * `tokens_per_sec_vs_length.png`, `memory_vs_length.png`, `loss_curves.png`.
+    own training length; with runs of several datasets (a suite's tasks,
+    `experiments.sweep --suite=ruler`), in `<dataset>/` for each;
+  * `tokens_per_sec_vs_length.png`, `memory_vs_length.png`, `loss_curves.png`;
+  * `needle_depth_<kind>.png`: accuracy by needle depth and length, from depth
+    probes (`--mode=eval --config.synthetic.needle_depth=d`, or passkey_depth), which
+    are kept out of runs.csv;
+  * `context_curve_L<length>.png`: the runs' `--mode=context_eval` curves (loss on
+    fixed targets against context), one line per run, per training length.
 
 From a notebook:
 
@@ -109,8 +115,19 @@ class RunRecord:
   def seed(self) -> int:
     return int(self.config.get('seed', 0))
 
-  def records(self, split: str) -> list[dict]:
-    return [m for m in self.metrics if m.get('split') == split]
+  @property
+  def needle_depth(self) -> Optional[float]:
+    """The fixed depth the run trained with (None: uniform, or no needle)."""
+    synthetic = self.config.get('synthetic', {})
+    task = str(self.config.get('dataset', {}).get('name', ''))
+    depth = synthetic.get('passkey_depth' if task == 'passkey' else 'needle_depth', -1)
+    return None if depth in (-1, None) else float(depth)
+
+  def records(self, split: str, *, probes: bool = False) -> list[dict]:
+    """The run's `split` records; an eval at another needle depth than the run's
+    (a depth probe, for the heatmaps) only with probes=True."""
+    return [m for m in self.metrics if m.get('split') == split and
+            (probes or m.get('needle_depth', self.needle_depth) == self.needle_depth)]
 
   def measured_length(self, record: dict) -> int:
     """The eval length of a record; records written before `seq_len` was logged:
@@ -128,8 +145,8 @@ class RunRecord:
   def measured_lengths(self) -> list[int]:
     """The training length and every length an eval or decode record measured."""
     lengths = {self.length}
-    lengths.update(self.measured_length(m) for m in self.metrics
-                   if m.get('split') in ('eval', 'decode'))
+    lengths.update(self.measured_length(m) for split in ('eval', 'decode')
+                   for m in self.records(split))
     return sorted(lengths)
 
 
@@ -253,9 +270,15 @@ def report(paths: Sequence[str], out: str) -> list[dict]:
     raise SystemExit(f'No run workdirs (metrics.jsonl + config.json) under {list(paths)}.')
   rows = table(runs)
   write_csv(rows, os.path.join(out, 'runs.csv'))
-  for metric in metric_columns(rows):
-    plot_vs_length(rows, metric, os.path.join(out, f'{metric}_vs_length.png'),
-                   logy=metric == 'perplexity')
+  datasets = sorted({str(row.get('dataset')) for row in rows})
+  for dataset in datasets:  # a suite's tasks (experiments.sweep --suite): curves per task
+    task_rows = [row for row in rows if str(row.get('dataset')) == dataset]
+    task_out = out if len(datasets) == 1 else os.path.join(out, dataset)
+    os.makedirs(task_out, exist_ok=True)
+    for metric in metric_columns(task_rows):
+      plot_vs_length(task_rows, metric, os.path.join(task_out, f'{metric}_vs_length.png'),
+                     logy=metric == 'perplexity',
+                     title='' if len(datasets) == 1 else f'{dataset}: {metric}')
   plot_vs_length(rows, 'tokens_per_sec', os.path.join(out, 'tokens_per_sec_vs_length.png'),
                  ylabel='training tokens / s', logy=True)
   memory = memory_plot(rows)
@@ -263,7 +286,73 @@ def report(paths: Sequence[str], out: str) -> list[dict]:
     plot_vs_length(rows, memory.metric, os.path.join(out, 'memory_vs_length.png'),
                    ylabel=memory.ylabel, title=memory.title, logy=True, scale=2**-20)
   plot_loss_curves(runs, os.path.join(out, 'loss_curves.png'))
+  plot_context_curves(runs, out)
+  for dataset in datasets:
+    plot_depth_heatmaps([r for r in runs if str(r.config.get('dataset', {}).get('name'))
+                         == dataset], out if len(datasets) == 1 else os.path.join(out, dataset))
   return rows
+
+
+def depth_grid(runs: Sequence[RunRecord], metric: str = 'accuracy') -> dict:
+  """{kind: {(needle_depth, length): mean over seeds of the latest eval at that
+  depth}} from the depth probes (`--mode=eval --config.synthetic.needle_depth=d`)."""
+  cells: dict = {}
+  for run in runs:
+    latest: dict = {}
+    for record in run.records('eval', probes=True):
+      depth = record.get('needle_depth')
+      if depth is not None and metric in record and run.measured_length(record) == run.length:
+        if record.get('step', -1) >= latest.get(depth, {}).get('step', -1):
+          latest[depth] = record
+    for depth, record in latest.items():
+      cells.setdefault(run.kind, {}).setdefault((float(depth), run.length), []).append(
+          float(record[metric]))
+  return {kind: {key: statistics.mean(values) for key, values in grid.items()}
+          for kind, grid in cells.items()}
+
+
+def plot_depth_heatmaps(runs: Sequence[RunRecord], out: str, metric: str = 'accuracy') -> list:
+  """`needle_depth_<kind>.png`: metric by needle depth (rows) and length (columns)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  paths = []
+  for kind, grid in sorted(depth_grid(runs, metric).items()):
+    depths = sorted({d for d, _ in grid})
+    lengths = sorted({n for _, n in grid})
+    values = [[grid.get((d, n), float('nan')) for n in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap='viridis', aspect='auto')
+    ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f'{d:.2f}' for d in depths])
+    ax.set_xlabel('length')
+    ax.set_ylabel('needle depth')
+    ax.set_title(f'{kind}: {metric}')
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    os.makedirs(out, exist_ok=True)
+    paths.append(os.path.join(out, f'needle_depth_{kind.replace(",", "+")}.png'))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+  return paths
+
+
+def plot_context_curves(runs: Sequence[RunRecord], out: str) -> list[str]:
+  """`context_curve_L<length>.png`: the runs' --mode=context_eval curves overlaid, one
+  figure per training length (its extrapolated region shaded); returns the paths."""
+  from longjax.train import context_eval  # pylint: disable=g-import-not-at-top
+  by_length: dict[int, dict[str, list]] = {}
+  for run in runs:
+    path = os.path.join(run.workdir, context_eval.OUT_DIR, 'context_curve.csv')
+    if os.path.exists(path):
+      with open(path, newline='') as f:
+        label = f'{run.kind} seed {run.seed}'
+        by_length.setdefault(run.length, {})[label] = list(csv.DictReader(f))
+  paths = []
+  for length, curves in sorted(by_length.items()):
+    paths.append(os.path.join(out, f'context_curve_L{length}.png'))
+    context_eval.plot_context_curves(curves, length, paths[-1])
+  return paths
 
 
 PRINTED = ('kind', 'length', 'eval_seq_len', 'seed', 'step', 'accuracy', 'exact_match',

@@ -4,6 +4,12 @@
         --lengths=32,64,128,256 --kinds=full,local,global_local --seeds=0,1 \
         --workdir=/tmp/passkey_sweep [--set num_train_steps=300 ...] [--print_only]
         [--tokens_per_batch=8192]
+    python -m experiments.sweep --suite=ruler [--tasks=niah_single,variable_tracking] \
+        --lengths=128,256 --kinds=full,local --seeds=0,1,2 --workdir=/tmp/ruler
+
+`--suite=ruler` runs the RULER-style tasks (configs/ruler.py:<task>) and the
+passkey and associative_recall configs, each task's runs under
+`<workdir>/<task>/`; `experiments.compare` then draws each task's curves.
 
 Each run gets its own workdir `<workdir>/<kind>/L<length>_s<seed>` and is an
 ordinary `python -m longjax.main` process, so a run can be resumed, inspected
@@ -46,9 +52,25 @@ flags.DEFINE_multi_string('set', [], 'Extra overrides for every run, as field=va
                           '(what longjax.main takes as --config.field=value).')
 flags.DEFINE_string('size', '', 'Config size word passed with the kind (e.g. tiny).')
 flags.DEFINE_bool('print_only', False, 'Print the commands instead of running them.')
+flags.DEFINE_enum('suite', '', ['', 'ruler'],
+                  'Run a suite of tasks instead of one --config: ruler = the RULER-style '
+                  'tasks (configs/ruler.py:<task>) plus passkey and associative_recall; each '
+                  'task\'s runs go under <workdir>/<task>/.')
+flags.DEFINE_list('tasks', None, 'With --suite: the tasks to run (default: all of the suite).')
 flags.DEFINE_integer('tokens_per_batch', 0,
                      'If set, batch_size = tokens_per_batch // length for each run, so every '
                      'length trains on the same tokens per step (0: the config\'s batch_size).')
+
+
+def suite_configs(suite: str) -> dict[str, str]:
+  """task -> the config spec a suite runs it with ('file.py' or 'file.py:task')."""
+  from longjax.data.config import RULER_TASKS  # pylint: disable=g-import-not-at-top
+  if suite != 'ruler':
+    raise BadArgument(f'--suite={suite}: unknown; the suites are: ruler.')
+  configs = {task: f'configs/ruler.py:{task}' for task in RULER_TASKS}
+  configs.update(passkey='configs/passkey.py', associative_recall='configs/associative_recall.py')
+  return configs
+
 
 USAGE_ERROR = 2  # Exit status for a bad argument: nothing was launched.
 TAIL_LINES = 3  # Lines of a failed run's output shown in the failure table.
@@ -64,15 +86,18 @@ class Run:
   length: int
   seed: int
   workdir: str
+  task: str = ''  # a suite's task ('' for a one-config sweep)
 
   @property
   def name(self) -> str:
-    return f'{self.kind} L={self.length} seed={self.seed}'
+    return ' '.join(filter(None, [self.task, f'{self.kind} L={self.length} seed={self.seed}']))
 
   def command(self, config: str, size: str = '', overrides: Sequence[str] = (),
               tokens_per_batch: int = 0) -> list[str]:
-    arg = ','.join(filter(None, [self.kind, size]))
-    cmd = [sys.executable, '-m', 'longjax.main', f'--config={config}:{arg}',
+    """config: a file, or file:word for a config that takes a word (a suite's task)."""
+    path, _, word = config.partition(':')
+    arg = ','.join(filter(None, [word, self.kind, size]))
+    cmd = [sys.executable, '-m', 'longjax.main', f'--config={path}:{arg}',
            f'--workdir={self.workdir}', f'--config.seq_len={self.length}',
            f'--config.seed={self.seed}']
     if tokens_per_batch:
@@ -90,8 +115,9 @@ def batch_for(tokens_per_batch: int, length: int) -> int:
 
 
 def plan(workdir: str, kinds: Iterable[str], lengths: Iterable[int],
-         seeds: Iterable[int]) -> list[Run]:
-  return [Run(kind, int(length), int(seed), os.path.join(workdir, kind, f'L{length}_s{seed}'))
+         seeds: Iterable[int], task: str = '') -> list[Run]:
+  return [Run(kind, int(length), int(seed),
+              os.path.join(workdir, kind, f'L{length}_s{seed}'), task)
           for kind in kinds for length in lengths for seed in seeds]
 
 
@@ -190,8 +216,14 @@ def _dotted_fields(node, prefix: str = '') -> list[str]:
 
 def check_config(config: str, kinds: Sequence[str], size: str,
                  overrides: Sequence[str]):
-  """Loads the config of every kind with the overrides; returns the first kind's."""
-  if not os.path.exists(config.split(':')[0]):
+  """Loads the config of every kind with the overrides; returns the first kind's.
+
+  config: a file, or file:word (a suite's task word, put before the kind).
+  """
+  config, _, word = config.partition(':')
+  if word:
+    kinds = [','.join(filter(None, [word, kind])) for kind in kinds]
+  if not os.path.exists(config):
     found = sorted(glob.glob(os.path.join(os.path.dirname(config) or '.', '*.py')))
     raise BadArgument(f'--config={config}: no such file (from {os.getcwd()}); config files '
                       f'there: {", ".join(found) or "none"}.')
@@ -336,9 +368,23 @@ def main(argv: Sequence[str]) -> int:
         raise BadArgument(str(error)) from None
     check_kinds(FLAGS.kinds)
     overrides = [plain_override(o) for o in FLAGS.set]
-    config = check_config(FLAGS.config, FLAGS.kinds, FLAGS.size, overrides)
+    if bool(FLAGS.suite) == bool(FLAGS.config):
+      raise BadArgument('give --config (one task) or --suite (a suite of tasks), not both '
+                        'and not neither.')
+    if FLAGS.suite:
+      tasks = suite_configs(FLAGS.suite)
+      chosen = FLAGS.tasks or list(tasks)
+      unknown = [t for t in chosen if t not in tasks]
+      if unknown:
+        raise BadArgument(f'--tasks: {", ".join(unknown)} not in --suite={FLAGS.suite} '
+                          f'({", ".join(tasks)}).')
+      task_configs = {t: tasks[t] for t in chosen}
+    else:
+      task_configs = {'': FLAGS.config}
+    loaded = [check_config(c, FLAGS.kinds, FLAGS.size, overrides)
+              for c in task_configs.values()]
     # The model must accept the longest length of the sweep.
-    longest, max_len = max(lengths), config.model.max_len
+    longest, max_len = max(lengths), min(c.model.max_len for c in loaded)
     max_len_set = any(o.startswith('model.max_len=') for o in overrides)
     if longest > max_len and max_len_set:
       raise BadArgument(f'--set model.max_len={max_len} is shorter than the longest of '
@@ -346,13 +392,15 @@ def main(argv: Sequence[str]) -> int:
   except BadArgument as error:
     print(f'error: {error}', file=sys.stderr)
     return USAGE_ERROR
-  runs = plan(FLAGS.workdir, FLAGS.kinds, lengths, seeds)
   if longest > max_len:
     overrides.append(f'model.max_len={longest}')
     print(f'note: model.max_len raised from {max_len} to {longest} (the longest length) in '
           'every run.', file=sys.stderr)
-  commands = [run.command(FLAGS.config, FLAGS.size, overrides, FLAGS.tokens_per_batch)
-              for run in runs]
+  runs, commands = [], []
+  for task, config in task_configs.items():
+    for run in plan(os.path.join(FLAGS.workdir, task), FLAGS.kinds, lengths, seeds, task):
+      runs.append(run)
+      commands.append(run.command(config, FLAGS.size, overrides, FLAGS.tokens_per_batch))
   if FLAGS.print_only:
     print('\n'.join(shlex.join(cmd) for cmd in commands))
     return 0
@@ -366,5 +414,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'lengths', 'kinds', 'workdir'])
+  flags.mark_flags_as_required(['lengths', 'kinds', 'workdir'])
   app.run(main)

@@ -1,4 +1,5 @@
-"""Command line: python -m longjax.main --config=pretrain --workdir=DIR [--mode=eval|decode|estimate].
+"""Command line: python -m longjax.main --config=pretrain --workdir=DIR
+[--mode=eval|decode|estimate|context_eval].
 
 `--config` takes a config name (`pretrain`, `pretrain:local`: a file of the
 packaged `longjax/configs/` or of `configs/` in the current directory) or a
@@ -52,6 +53,7 @@ from ml_collections import config_flags
 from longjax import cli
 from longjax import data
 from longjax.train import checkpointing
+from longjax.train import context_eval
 from longjax.train import evaluation
 from longjax.train import run_identity
 from longjax.train import setup
@@ -64,12 +66,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     'NAME:ARG passes ARG, an attention kind and/or a size.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Checkpoints, metrics and the config go here; resumed from.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'decode', 'estimate'],
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'decode', 'estimate', 'context_eval'],
                           'train (resumes if the workdir has checkpoints), eval (evaluates '
                           'the latest checkpoint at config.eval_seq_len), decode (generates '
-                          'for the eval split and scores ROUGE / BLEU / exact match), or '
+                          'for the eval split and scores ROUGE / BLEU / exact match), '
                           'estimate (compiles the train step and prints its memory per '
-                          'device and whether it fits; nothing runs).')
+                          'device and whether it fits; nothing runs), or context_eval (loss '
+                          'on fixed targets against the context before them).')
 _PRINT_CONFIG = flags.DEFINE_bool(
     'print_config', False, 'Print every field of the resolved config (the config, its argument '
     'and the overrides; for eval/decode, the run saved in --workdir) and exit.')
@@ -88,13 +91,16 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
 flags.mark_flags_as_required(['config'])
 
 MODES = {'train': trainer.train_and_evaluate, 'eval': evaluation.evaluate,
-         'decode': evaluation.decode_eval, 'estimate': trainer.estimate_memory}
+         'decode': evaluation.decode_eval, 'estimate': trainer.estimate_memory,
+         'context_eval': context_eval.context_eval}
 TRAINING_MODES = ('train', 'estimate')  # They read the config given, not the workdir's.
 MODE_HELP = {
     'train': 'train config.num_train_steps steps (the default); resumes from the workdir',
     'eval': "score the latest checkpoint at config.eval_seq_len, with the run's saved settings",
     'decode': 'generate for the eval split; ROUGE-1/2/L, BLEU, exact match',
     'estimate': 'compile the train step ahead of time; print its memory and whether it fits',
+    'context_eval': 'loss on fixed eval targets against the context before them, with '
+                    'bootstrap intervals (config.context_eval; writes DIR/context_eval/)',
 }
 def _wants_distributed() -> bool:
   if _DISTRIBUTED.value != 'auto':

@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.tokenizer = tokenizer
 
   # Synthetic long-range diagnostics (dataset.name = 'passkey', 'associative_recall'
-  # or 'selective_copy'); see longjax/data/synthetic.py for the formats.
+  # or 'selective_copy', or a RULER task); see longjax/data/synthetic.py and ruler.py.
   synthetic = ml_collections.ConfigDict()
   synthetic.num_train_examples = 1_000_000  # Size of the (virtual) training set.
   synthetic.num_eval_examples = 256  # Held-out examples.
@@ -58,7 +58,29 @@ def get_config() -> ml_collections.ConfigDict:
   synthetic.num_pairs = 8  # associative_recall: key-value pairs.
   synthetic.num_queries = 4  # associative_recall: pairs asked for.
   synthetic.copy_tokens = 8  # selective_copy: tokens scattered in noise, then copied.
+  # The RULER-style suite (longjax/data/ruler.py; configs/ruler.py).
+  synthetic.needle_depth = -1.0  # niah_single/multikey: the asked needle's depth; -1 = uniform.
+  synthetic.num_needles = 4  # niah_multikey (1 asked, the rest distractors), niah_multiquery.
+  synthetic.num_values = 4  # niah_multivalue: values of the one key.
+  synthetic.num_chains = 2  # variable_tracking: chains of assignments (1 asked).
+  synthetic.hops = 3  # variable_tracking: assignments per chain.
+  synthetic.num_common = 4  # common_words: words repeated word_repeats times among singletons.
+  synthetic.word_repeats = 3
+  synthetic.num_frequent = 3  # frequent_words: the most frequent words asked for (Zipf words).
+  synthetic.global_answers = False  # Mark answer tokens global too ("question-marked").
   config.synthetic = synthetic
+
+  # --mode=context_eval (longjax/train/context_eval.py): loss on fixed targets
+  # against the context before them.
+  context_eval = ml_collections.ConfigDict()
+  context_eval.contexts = ''  # Comma-separated token counts; '' = 8, 16, ... up to seq_len.
+  context_eval.num_targets = 20_000  # Target tokens scored at every context.
+  context_eval.span = 16  # Consecutive targets per window (target j sees c + j tokens).
+  context_eval.min_documents = 50  # Fewer long-enough eval documents is an error.
+  context_eval.num_documents = 256  # Documents of the per-position curve.
+  context_eval.batch_size = 8  # Windows per forward pass.
+  context_eval.bootstrap = 1000  # Resamples of the documents for the 95% intervals.
+  config.context_eval = context_eval
 
   config.seq_len = 512  # Training length (the LM input, or the seq2seq source).
   config.target_len = 128  # Seq2seq target length.

@@ -9,7 +9,8 @@
   - embedded (built at first use from text on this machine, nothing downloaded):
     longjax_pystdlib (pretraining, default), longjax_pydocs (summarization),
     longjax_bible_en_es (translation);
-  - synthetic long-range diagnostics: passkey, associative_recall, selective_copy;
+  - synthetic long-range diagnostics: passkey, associative_recall, selective_copy,
+    and the RULER-style suite (ruler.py);
   - any tfds name (pg19, wmt14_translate/de-en, scientific_papers/arxiv, ...),
     read with `tfds.data_source` from array_record in config.dataset.data_dir, where it
     must be prepared (`tfds build NAME --data_dir=DIR --file_format=array_record`);
@@ -32,6 +33,8 @@ from longjax.data.pipeline import get_tokenizer
 from longjax.data.sources import check_dataset
 from longjax.data.sources import DatasetUnavailableError
 from longjax.data.sources import EMBEDDED_DATASETS
+from longjax.data.config import RULER_TASKS
+from longjax.data.config import needle_depth
 from longjax.data.sources import SYNTHETIC_TASKS
 from longjax.data.tokenizers import ByteTokenizer
 from longjax.data.tokenizers import SentencePieceTokenizer
@@ -41,5 +44,6 @@ __all__ = [
     'DataConfig', 'DataConfigError', 'DatasetConfig', 'SyntheticConfig', 'TokenizerConfig',
     'build_eval_iterator', 'build_train_iterator', 'get_tokenizer', 'Tokenizer',
     'ByteTokenizer', 'SentencePieceTokenizer', 'EMBEDDED_DATASETS', 'SYNTHETIC_TASKS',
+    'RULER_TASKS', 'needle_depth',
     'check_dataset', 'DatasetUnavailableError',
 ]

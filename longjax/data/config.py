@@ -29,8 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import Optional
 
-SYNTHETIC_TASKS = ('passkey', 'associative_recall', 'selective_copy')
+# The RULER-style suite (longjax/data/ruler.py); the others are synthetic.py's.
+RULER_TASKS = ('niah_single', 'niah_multikey', 'niah_multivalue', 'niah_multiquery',
+               'variable_tracking', 'common_words', 'frequent_words')
+SYNTHETIC_TASKS = ('passkey', 'associative_recall', 'selective_copy') + RULER_TASKS
+# Tasks that hide needles in a haystack (config.synthetic.filler applies).
+HAYSTACK_TASKS = ('passkey',) + RULER_TASKS[:5]
 TOKENIZER_KINDS = ('bytes', 'sentencepiece')
 PASSKEY_FILLERS = ('random', 'text')
 # associative_recall keys are distinct lowercase letters.
@@ -44,6 +50,17 @@ def base_name(name: str) -> str:
 
 def is_synthetic(name: str) -> bool:
   return base_name(name) in SYNTHETIC_TASKS
+
+
+def needle_depth(data_config) -> Optional[float]:
+  """The fixed depth of the asked needle (synthetic.passkey_depth for passkey,
+  synthetic.needle_depth for niah_single and niah_multikey), or None: uniform
+  depths, or a task without one."""
+  task = base_name(data_config.dataset.name)
+  settings = data_config.synthetic_tasks
+  depth = {'passkey': settings.passkey_depth, 'niah_single': settings.needle_depth,
+           'niah_multikey': settings.needle_depth}.get(task, -1)
+  return None if depth == -1 else float(depth)
 
 
 class DataConfigError(ValueError):
@@ -100,6 +117,15 @@ class SyntheticConfig:
   num_pairs: int
   num_queries: int
   copy_tokens: int
+  needle_depth: float
+  num_needles: int
+  num_values: int
+  num_chains: int
+  hops: int
+  num_common: int
+  word_repeats: int
+  num_frequent: int
+  global_answers: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,8 +256,6 @@ def _problems(data_config: DataConfig) -> list[str]:
     depth = settings.passkey_depth
     check(depth == -1 or 0.0 <= depth <= 1.0, 'synthetic.passkey_depth', depth,
           'must be in [0, 1] or -1.')
-    check(settings.filler in PASSKEY_FILLERS, 'synthetic.filler', settings.filler,
-          "must be 'random' or 'text'.")
   if task == 'associative_recall':
     pairs, queries = settings.num_pairs, settings.num_queries
     needs = (f'associative_recall needs 1 <= num_queries ({queries}) <= num_pairs ({pairs}) '
@@ -239,6 +263,27 @@ def _problems(data_config: DataConfig) -> list[str]:
     check(1 <= pairs <= MAX_RECALL_PAIRS, 'synthetic.num_pairs', pairs, needs)
     if 1 <= pairs <= MAX_RECALL_PAIRS:
       check(1 <= queries <= pairs, 'synthetic.num_queries', queries, needs)
+  if task in HAYSTACK_TASKS:
+    check(settings.filler in PASSKEY_FILLERS, 'synthetic.filler', settings.filler,
+          "must be 'random' or 'text'.")
+  if task in ('niah_single', 'niah_multikey'):
+    depth = settings.needle_depth
+    check(depth == -1 or 0.0 <= depth <= 1.0, 'synthetic.needle_depth', depth,
+          'must be in [0, 1] or -1.')
+  if task in ('niah_multikey', 'niah_multiquery'):
+    check(settings.num_needles >= 1, 'synthetic.num_needles', settings.num_needles,
+          'must be >= 1.')
+  if task == 'niah_multiquery':
+    check(1 <= settings.num_queries <= settings.num_needles, 'synthetic.num_queries',
+          settings.num_queries, f'niah_multiquery asks 1 to num_needles '
+          f'({settings.num_needles}) of its needles.')
+  for name, field in (('niah_multivalue', 'num_values'), ('variable_tracking', 'num_chains'),
+                      ('variable_tracking', 'hops'), ('common_words', 'num_common'),
+                      ('common_words', 'word_repeats'), ('frequent_words', 'num_frequent')):
+    if task == name:
+      value = getattr(settings, field)
+      least = 2 if field == 'word_repeats' else 1
+      check(value >= least, f'synthetic.{field}', value, f'must be >= {least}.')
   if task == 'selective_copy':
     check(settings.copy_tokens >= 1, 'synthetic.copy_tokens', settings.copy_tokens,
           'must be >= 1.')

@@ -12,10 +12,14 @@ token, or the task raises).
 
 A row is built from a sequence S of seq_len + 1 tokens, S[0] = bos:
 inputs = S[:-1], targets = S[1:], segment_ids = 1, positions = 0..L-1.
-global_mask = 1 on the question (inputs from the last query mark '?' on): the
-task's global tokens, which `global_local` attention with
-model.attention.global_tokens = 'marked' lets attend the whole row, as
-Longformer makes question tokens global.
+global_mask = 1 on the question: the inputs from the last query mark '?' to
+the one that predicts the first answer token. These are the task's global
+tokens, which `global_local` attention with model.attention.global_tokens =
+'marked' lets attend the whole row, as Longformer makes question tokens
+global. The answer's own tokens are marked too only with
+config.synthetic.global_answers (until 2026-12-03 they always were: every
+scored query of passkey was then a global token, so global_local's passkey
+results measured the question path; such results are "question-marked").
 
 passkey (needle in a haystack; Mohtashami & Jaggi 2023, "Landmark Attention")
   S = bos  filler[:d]  '|' k1..kD '|'  filler[d:]  '?' k1..kD
@@ -56,7 +60,7 @@ import numpy as np
 
 from longjax.data import sources
 from longjax.data import tokenizers
-from longjax.data.config import DataConfig
+from longjax.data.config import HAYSTACK_TASKS, DataConfig, base_name
 
 SPLIT_CODES = {'train': 0, 'eval': 1}
 PRETRAINING_CORPUS = 'longjax_pystdlib'  # Natural passkey filler.
@@ -119,7 +123,8 @@ class SyntheticTask:
   name = ''
 
   def __init__(self, *, seq_len: int, num_examples: int, seed: int, split: str,
-               tokenizer: tokenizers.Tokenizer):
+               tokenizer: tokenizers.Tokenizer, global_answers: bool = False):
+    self.global_answers = global_answers
     self.seq_len = seq_len
     self.num_examples = num_examples
     self.seed = seed
@@ -136,9 +141,15 @@ class SyntheticTask:
     rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], index])
     sequence, answer_targets = self.generate(rng)
     assert len(sequence) == self.seq_len + 1, (len(sequence), self.seq_len)
-    # The question starts at the last query mark of the inputs.
+    row = row_from_sequence(sequence, answer_targets)
+    # The question: from the last query mark of the inputs to the input that
+    # predicts the first answer token.
     marks = np.flatnonzero(sequence[:-1] == self.symbols.id(QUERY_MARK))
-    return row_from_sequence(sequence, answer_targets, marks[-1] if len(marks) else None)
+    if len(marks):
+      end = len(row['global_mask']) if self.global_answers else \
+          int(np.flatnonzero(answer_targets)[0]) + 1
+      row['global_mask'][marks[-1]:end] = 1
+    return row
 
   def generate(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     raise NotImplementedError
@@ -244,9 +255,11 @@ def filler_tokens(data_config: DataConfig, tokenizer: tokenizers.Tokenizer,
                   split: str) -> Optional[np.ndarray]:
   """Natural passkey filler: the pretraining corpus (train or validation files) as one stream.
 
-  None unless the dataset is passkey with filler 'text'.
+  None unless the dataset hides needles in a haystack (passkey, the NIAH and
+  variable-tracking tasks) with filler 'text'.
   """
-  if data_config.dataset.name != 'passkey' or data_config.synthetic_tasks.filler != 'text':
+  if (base_name(data_config.dataset.name) not in HAYSTACK_TASKS
+      or data_config.synthetic_tasks.filler != 'text'):
     return None
   source = sources.data_source(PRETRAINING_CORPUS, 'train' if split == 'train' else 'validation',
                                data_dir=data_config.dataset.data_dir)
@@ -263,8 +276,14 @@ def make_task(data_config: DataConfig, tokenizer: tokenizers.Tokenizer, *, split
   settings = data_config.synthetic_tasks
   num_examples = settings.num_train_examples if split == 'train' else settings.num_eval_examples
   common = dict(seq_len=seq_len, num_examples=num_examples, seed=data_config.seed, split=split,
-                tokenizer=tokenizer)
-  name = data_config.dataset.name
+                tokenizer=tokenizer, global_answers=settings.global_answers)
+  name = base_name(data_config.dataset.name)
+  from longjax.data import ruler  # (ruler builds on this module)
+  if name in ruler.TASKS:
+    if settings.filler == 'text' and name in HAYSTACK_TASKS and filler_tokens is None:
+      raise ValueError(f"{name} with config.synthetic.filler = 'text' needs filler_tokens.")
+    return ruler.TASKS[name](settings=settings, filler_tokens=filler_tokens
+                             if settings.filler == 'text' else None, **common)
   if name == 'passkey':
     if settings.filler == 'text' and filler_tokens is None:
       raise ValueError("passkey with config.synthetic.filler = 'text' needs filler_tokens.")
@@ -275,7 +294,7 @@ def make_task(data_config: DataConfig, tokenizer: tokenizers.Tokenizer, *, split
                              **common)
   if name == 'selective_copy':
     return SelectiveCopy(copy_tokens=settings.copy_tokens, **common)
-  raise ValueError(f'Unknown synthetic task {name!r}; known: {sorted(TASKS)}.')
+  raise ValueError(f'Unknown synthetic task {name!r}; known: {sorted(TASKS) + sorted(ruler.TASKS)}.')
 
 
 def answer_accuracy(predictions: np.ndarray, batch: dict[str, np.ndarray]) -> tuple[float, float]:

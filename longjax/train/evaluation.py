@@ -40,6 +40,7 @@ class Evaluator:
     self.seq_len = data_config.eval_seq_len
     self.num_steps = run.config.loop.num_eval_steps  # None: the whole split.
     self.synthetic = data_config.synthetic
+    self.needle_depth = data.needle_depth(data_config)  # a fixed depth, or None
     self.dataset = data.build_eval_iterator(data_config, run.tokenizer, seq_len=self.seq_len)
     self.batches = Batches(data_config, run.mesh, run.rules)
     self.mesh, self.rules = run.mesh, run.rules
@@ -67,6 +68,8 @@ class Evaluator:
       self.tokens_per_sec = (count - 1) * self.tokens_per_batch / (time.perf_counter() - start)
     summary = metrics.summarize(total, with_bits_per_byte=not self.synthetic)
     summary['seq_len'] = self.seq_len
+    if self.needle_depth is not None:
+      summary['needle_depth'] = self.needle_depth
     return summary
 
 

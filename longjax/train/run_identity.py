@@ -41,7 +41,10 @@ PLACEMENT = ('mesh', 'axis_rules', 'dataset.data_dir', 'dataset.num_workers',
 # how much, in what batches, and how to decode. A name covers its sub-fields
 # ('decode' is every decode.* field).
 EVALUATION = ('eval_seq_len', 'dataset.split_eval', 'num_eval_steps', 'batch_size',
-              'decode') + PLACEMENT
+              'decode', 'context_eval',
+              # Where the eval's needle sits (the needle-depth x length probe of a
+              # haystack task): the eval rows change, not what the run trained on.
+              'synthetic.needle_depth', 'synthetic.passkey_depth') + PLACEMENT
 # Longer evaluation than model.max_len needs a higher max_len, which changes
 # nothing the run trained unless positions are learned (a table of max_len rows).
 EVALUATION_IF = {

@@ -13,7 +13,7 @@ from longjax.configs import base
 from longjax.data import sources
 from longjax.train import trainer, validation
 
-TASKS = ('pretrain', 'translate', 'summarize', 'passkey', 'associative_recall')
+TASKS = ('pretrain', 'translate', 'summarize', 'passkey', 'associative_recall', 'ruler')
 # Devices each real-scale variant is written for (see the config docstrings).
 REAL_SCALE_DEVICES = {'pg19': 16, 'wmt14': 8, 'arxiv': 16, 'long': 8}
 
@@ -61,6 +61,19 @@ def test_config_builds_and_is_consistent(name, arg):
     builder = sources.get_builder(dataset)
     keys = [dataset.input_key] + [dataset.target_key] * bool(dataset.target_key)
     assert set(keys) <= set(builder.info.features.keys())
+
+
+@pytest.mark.parametrize('ruler_task', data.RULER_TASKS)
+def test_each_ruler_task_config_makes_rows_of_its_length(ruler_task):
+  from longjax.data import synthetic, tokenizers
+  config = task('ruler').get_config(f'{ruler_task},global_local')
+  assert config.dataset.name == ruler_task and config.model.attention.kind == 'global_local'
+  data_config = data.DataConfig.from_config(config)
+  row = synthetic.make_task(data_config, tokenizers.ByteTokenizer(), split='eval',
+                            seq_len=config.seq_len)[0]
+  assert row['inputs'].shape == (config.seq_len,) and row['weights'].sum() > 0
+  with pytest.raises(ValueError, match='one task'):
+    task('ruler').get_config('niah_single,common_words')
 
 
 def test_unknown_config_argument_lists_the_valid_words():

@@ -26,7 +26,7 @@ def _names(directory):
 def test_every_packaged_config_has_its_path_form_file():
   assert _names(PATH_FORM_DIR) == _names(CONFIGS_DIR)
   assert {'base', 'tiny', 'pretrain', 'translate', 'summarize', 'passkey',
-          'associative_recall'} <= set(_names(CONFIGS_DIR))
+          'associative_recall', 'ruler'} <= set(_names(CONFIGS_DIR))
 
 
 def _load_by_flag(spec):

@@ -26,13 +26,20 @@ def answers(row):
   return TOKENIZER.decode(row['targets'][row['weights'] > 0])
 
 
+def assert_question_is_global(row, seq_len, answers_too=False):
+  """The question is the global part: from the last query mark of the inputs to
+  the input that predicts the first answer token (to the end with answers_too)."""
+  question = np.flatnonzero(row['inputs'] == TOKENIZER.encode('?')[0])[-1]
+  first_answer = np.flatnonzero(row['weights'])[0]
+  positions = np.arange(seq_len)
+  end = seq_len if answers_too else first_answer + 1
+  np.testing.assert_array_equal(row['global_mask'], (positions >= question) & (positions < end))
+
+
 def assert_lm_row(row, seq_len):
   for key in ('inputs', 'targets', 'segment_ids', 'positions', 'global_mask'):
     assert row[key].shape == (seq_len,) and row[key].dtype == np.int32
-  # The question is the global part: from the last query mark of the inputs to the end.
-  question = np.flatnonzero(row['inputs'] == TOKENIZER.encode('?')[0])[-1]
-  np.testing.assert_array_equal(row['global_mask'], np.arange(seq_len) >= question)
-  assert (row['global_mask'][row['weights'] > 0] == 1).all()
+  assert_question_is_global(row, seq_len)
   assert row['weights'].dtype == np.float32
   assert row['inputs'][0] == TOKENIZER.bos_id
   np.testing.assert_array_equal(row['targets'][:-1], row['inputs'][1:])

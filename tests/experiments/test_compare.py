@@ -163,3 +163,56 @@ def test_report_writes_csv_and_plots(tmp_path):
     path = os.path.join(out, name)
     assert os.path.getsize(path) > 1000, name
   assert not os.path.exists(os.path.join(out, 'memory_vs_length.png'))  # no run logged memory
+
+
+def test_a_suites_tasks_get_curves_of_their_own(tmp_path):
+  from tests.experiments.fake_runs import write_run
+  root = str(tmp_path / 'ruler')
+  for task in ('niah_single', 'variable_tracking'):
+    for kind in ('full', 'local'):
+      for length in (128, 256):
+        accuracy = 0.9 if task == 'niah_single' else 0.3
+        write_run(os.path.join(root, task), kind, length, 0,
+                  train_records([100, 100]) + [dict(step=100, split='eval', accuracy=accuracy)],
+                  dataset=task)
+  out = str(tmp_path / 'report')
+  rows = compare.report([root], out)
+  assert {(r['dataset'], r['accuracy']) for r in rows} == {('niah_single', 0.9),
+                                                          ('variable_tracking', 0.3)}
+  for task in ('niah_single', 'variable_tracking'):
+    assert os.path.getsize(os.path.join(out, task, 'accuracy_vs_length.png')) > 1000
+  assert not os.path.exists(os.path.join(out, 'accuracy_vs_length.png'))
+
+
+def test_context_curves_are_overlaid_per_training_length(tmp_path):
+  from tests.experiments.fake_runs import write_run
+  root = str(tmp_path / 'runs')
+  for kind in ('full', 'local'):
+    workdir = write_run(root, kind, 64, 0, train_records([100, 100]), dataset='longjax_pystdlib')
+    os.makedirs(os.path.join(workdir, 'context_eval'))
+    with open(os.path.join(workdir, 'context_eval', 'context_curve.csv'), 'w') as f:
+      f.write('context,extrapolated,loss,bits_per_byte,ci_low,ci_high,num_targets,'
+              'num_documents\n')
+      for c, loss in ((16, 2.0), (64, 1.8), (128, 1.9)):
+        f.write(f'{c},{int(c > 64)},{loss},{loss / 0.69},{loss - 0.1},{loss + 0.1},100,50\n')
+  out = str(tmp_path / 'report')
+  compare.report([root], out)
+  assert os.path.getsize(os.path.join(out, 'context_curve_L64.png')) > 1000
+
+
+def test_needle_depth_probes_make_heatmaps_not_rows(tmp_path):
+  from tests.experiments.fake_runs import write_run
+  root = str(tmp_path / 'niah')
+  for kind in ('full', 'local'):
+    for length in (128, 256):
+      probes = [dict(step=100, split='eval', seq_len=length, needle_depth=d,
+                     accuracy=1.0 - d if kind == 'local' else 0.9) for d in (0.0, 0.5, 1.0)]
+      records = train_records([100]) + [dict(step=100, split='eval', accuracy=0.7)] + probes
+      write_run(root, kind, length, 0, records, dataset='niah_single')
+  out = str(tmp_path / 'report')
+  rows = compare.report([root], out)
+  assert len(rows) == 4 and all(r['accuracy'] == 0.7 for r in rows)  # probes are not rows
+  grid = compare.depth_grid(compare.load_runs([root]))
+  assert grid['local'][(0.5, 256)] == pytest.approx(0.5) and grid['full'][(1.0, 128)] == 0.9
+  for kind in ('full', 'local'):
+    assert os.path.getsize(os.path.join(out, f'needle_depth_{kind}.png')) > 1000

@@ -200,3 +200,29 @@ def test_tokens_per_batch_keeps_tokens_per_step_constant():
   assert not any('batch_size' in a for a in runs[0].command('configs/pretrain.py'))
   with pytest.raises(ValueError, match='tokens_per_batch=1000'):
     sweep.batch_for(1000, 128)
+
+
+def test_ruler_suite_prints_one_run_per_task_kind_and_length(monkeypatch, capsys, tmp_path):
+  argv = ['--suite=ruler', '--tasks=niah_multikey,variable_tracking,passkey', '--lengths=128,256',
+          '--kinds=full,local', f'--workdir={tmp_path}', '--print_only']
+  assert run_cli(monkeypatch, argv) == 0
+  commands = [line.split() for line in capsys.readouterr().out.splitlines()]
+  assert len(commands) == 3 * 2 * 2
+  configs = {_flag(cmd, 'config') for cmd in commands}
+  assert configs == {'configs/ruler.py:niah_multikey,full', 'configs/ruler.py:niah_multikey,local',
+                     'configs/ruler.py:variable_tracking,full',
+                     'configs/ruler.py:variable_tracking,local',
+                     'configs/passkey.py:full', 'configs/passkey.py:local'}
+  workdirs = {_flag(cmd, 'workdir') for cmd in commands}
+  assert str(tmp_path / 'variable_tracking' / 'local' / 'L256_s0') in workdirs
+
+
+@pytest.mark.parametrize('args, error', [
+    (['--suite=ruler', '--tasks=niah_single,haystack'], 'error: --tasks: haystack not in'),
+    (['--suite=ruler', '--config=configs/passkey.py'], 'error: give --config'),
+    ([], 'error: give --config'),
+])
+def test_suite_arguments_are_checked(monkeypatch, capsys, tmp_path, args, error):
+  argv = ['--lengths=128', '--kinds=local', f'--workdir={tmp_path / "s"}', *args]
+  assert run_cli(monkeypatch, argv) == 2
+  assert capsys.readouterr().err.startswith(error)

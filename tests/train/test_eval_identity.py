@@ -62,6 +62,20 @@ def test_evaluation_fields_come_from_the_given_config(tmp_path):
                           + ('model.max_len',)))
 
 
+def test_a_depth_probe_and_context_eval_settings_may_change(tmp_path):
+  """The needle's depth (the needle-depth x length probe) and context_eval.* change
+  what is measured, not the run: the rest of synthetic.* stays the run's."""
+  _save(tmp_path, train_testing.tiny_config())
+  given = train_testing.tiny_config(synthetic__passkey_depth=0.25,
+                                    synthetic__needle_depth=0.75,
+                                    context_eval__contexts='8,16')
+  config = run_identity.evaluation_config(given, tmp_path)
+  assert (config.synthetic.passkey_depth, config.synthetic.needle_depth,
+          config.context_eval.contexts) == (0.25, 0.75, '8,16')
+  with pytest.raises(run_identity.RunIdentityError, match='synthetic.num_needles'):
+    run_identity.evaluation_config(train_testing.tiny_config(synthetic__num_needles=9), tmp_path)
+
+
 def test_saved_tuples_come_back_as_tuples(tmp_path):
   _save(tmp_path, train_testing.tiny_config(axis_rules=(('mlp', 'tensor'), ('heads', None))))
   config = run_identity.merged(train_testing.tiny_config(),
