@@ -9,9 +9,12 @@ reads every run workdir under the given paths (a directory holding
     length, its latest decode scores and its training speed and memory; an
     eval at another length (`--mode=eval --config.eval_seq_len=N`) is a row
     of its own with `eval_seq_len` N, never merged into the training row;
+  * `summary.csv`: mean and std over seeds of every metric per (dataset, kind,
+    length, eval length), at each group's best learning rate, with how many of
+    its runs met the stopping criterion (experiments/selection.py);
   * `<metric>_vs_length.png` for each eval and decode metric present, one line
     per attention (mean over seeds, the spread as error bars), at each run's
-    own training length; with runs of several datasets (a suite's tasks,
+    own training length and, in a learning-rate sweep, its best rate; with runs of several datasets (a suite's tasks,
     `experiments.sweep --suite=ruler`), in `<dataset>/` for each;
   * `tokens_per_sec_vs_length.png`, `memory_vs_length.png`, `loss_curves.png`;
   * `needle_depth_<kind>.png`: accuracy by needle depth and length, from depth
@@ -41,6 +44,7 @@ from typing import Optional, Sequence
 # pylint: disable-next=unused-import
 from experiments.plots import (format_length_axis, length_label, memory_plot, own_length,
                                plot_loss_curves, plot_vs_length)
+from experiments import selection
 
 COLUMNS_DOC = """\
   kind            the run's attention: model.attention.layer_pattern joined by
@@ -48,6 +52,7 @@ COLUMNS_DOC = """\
   length          training length (config.json seq_len)
   eval_seq_len    the length the eval on this row measured (= length for the run's own eval)
   seed, dataset   config.json seed and dataset.name
+  learning_rate   config.json learning_rate (experiments.sweep --learning_rates)
   step            step of the eval record on this row
   accuracy, exact_match, perplexity, bits_per_byte, loss, ...
                   every metric of that eval record (teacher-forced; exact_match
@@ -62,6 +67,8 @@ COLUMNS_DOC = """\
   decode_exact_match, ...
                   the latest --mode=decode scores (generated text), if any
   tokens_per_sec  median training tokens/s over the logged steps after the first
+  converged       whether the eval loss was flat at the end (experiments.budget.CRITERION);
+                  empty when fewer than two evals fall in the last 20% of steps
   compiled_memory_bytes  XLA's memory plan of the train step, bytes per device
   peak_memory_bytes      measured peak: device peak on GPU/TPU, on CPU the
                   process's peak RSS (includes compilation)
@@ -75,7 +82,7 @@ EVAL_METRICS = ('accuracy', 'exact_match', 'perplexity', 'bits_per_byte', 'loss'
 DECODE_METRICS = ('rouge1', 'rouge2', 'rougeL', 'bleu', 'exact_match')
 # What a record says about itself, not something it measured.
 RECORD_KEYS = ('step', 'split', 'seq_len')
-TRAIN_COLUMNS = ('tokens_per_sec', 'compiled_memory_bytes', 'peak_memory_bytes')
+TRAIN_COLUMNS = ('tokens_per_sec', 'compiled_memory_bytes', 'peak_memory_bytes', 'converged')
 DECODE_PREFIX = 'decode_'
 # Properties of the weights, not measurements at a length: exported, not plotted.
 SPAN_COLUMNS = ('mean_span',)
@@ -198,6 +205,7 @@ def _train_columns(run: RunRecord) -> dict:
       compiled_memory_bytes=_largest(run, 'compiled_memory_bytes'),
       # peak_rss_bytes: the same measurement, as older runs named it.
       peak_memory_bytes=_largest(run, 'peak_memory_bytes', 'peak_rss_bytes'),
+      converged=selection.converged(run),
       mean_span=spans[-1] if spans else None)
 
 
@@ -205,6 +213,7 @@ def _row(run: RunRecord, length: int) -> dict:
   evaluation = run.latest('eval', length)
   decoded = run.latest('decode', length)
   row = dict(kind=run.kind, length=run.length, eval_seq_len=length, seed=run.seed,
+             learning_rate=selection.learning_rate(run.config),
              dataset=run.config.get('dataset', {}).get('name', ''),
              step=evaluation.get('step'))
   row.update(_measured(evaluation))
@@ -226,7 +235,8 @@ def _row(run: RunRecord, length: int) -> dict:
 def columns(rows: Sequence[dict]) -> list[str]:
   """CSV columns: identity, eval metrics, decode scores, training, workdir."""
   present = dict.fromkeys(key for row in rows for key in row)
-  head = ['kind', 'length', 'eval_seq_len', 'seed', 'dataset', 'step', *EVAL_METRICS]
+  head = ['kind', 'length', 'eval_seq_len', 'seed', 'learning_rate', 'dataset', 'step',
+          *EVAL_METRICS]
   tail = [*TRAIN_COLUMNS, 'workdir']
   decode_head = [DECODE_PREFIX + k for k in ('step', *DECODE_METRICS)]
   decode = [c for c in decode_head if c in present]
@@ -241,7 +251,8 @@ def table(runs: Sequence[RunRecord]) -> list[dict]:
   rows = [_row(run, length) for run in runs for length in run.measured_lengths()]
   names = columns(rows)
   rows = [{name: row.get(name) for name in names} for row in rows]
-  return sorted(rows, key=lambda r: (r['kind'], r['length'], r['seed'], r['eval_seq_len']))
+  return sorted(rows, key=lambda r: (r['kind'], r['length'], r['learning_rate'] or 0.0,
+                                     r['seed'], r['eval_seq_len']))
 
 
 def metric_columns(rows: Sequence[dict]) -> list[str]:
@@ -270,6 +281,12 @@ def report(paths: Sequence[str], out: str) -> list[dict]:
     raise SystemExit(f'No run workdirs (metrics.jsonl + config.json) under {list(paths)}.')
   rows = table(runs)
   write_csv(rows, os.path.join(out, 'runs.csv'))
+  summary = selection.summary(rows, metric_columns(rows))
+  with open(os.path.join(out, 'summary.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, list(dict.fromkeys(k for row in summary for k in row)))
+    writer.writeheader()
+    writer.writerows(summary)
+  rows = selection.at_best(rows)  # the plots: each (kind, length) at its best learning rate
   datasets = sorted({str(row.get('dataset')) for row in rows})
   for dataset in datasets:  # a suite's tasks (experiments.sweep --suite): curves per task
     task_rows = [row for row in rows if str(row.get('dataset')) == dataset]

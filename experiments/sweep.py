@@ -1,11 +1,33 @@
-"""Sequence-length sweeps: one run per (attention kind, length, seed).
+"""Sequence-length sweeps: one run per (attention kind, length, learning rate, seed).
 
     python -m experiments.sweep --config=configs/passkey.py \
-        --lengths=32,64,128,256 --kinds=full,local,global_local --seeds=0,1 \
+        --lengths=32,64,128,256 --kinds=full,local,global_local [--seeds=0,1,2] \
         --workdir=/tmp/passkey_sweep [--set num_train_steps=300 ...] [--print_only]
-        [--tokens_per_batch=8192]
+    python -m experiments.sweep --config=configs/pretrain.py --lengths=256,1024,4096 \
+        --kinds=local,global_local,transient_global --sequences_per_step=16 \
+        --micro_tokens=16384 --match=keys --budget=256 --learning_rates=1e-3,3e-3,1e-2 \
+        --workdir=/tmp/pretrain_sweep
     python -m experiments.sweep --suite=ruler [--tasks=niah_single,variable_tracking] \
-        --lengths=128,256 --kinds=full,local --seeds=0,1,2 --workdir=/tmp/ruler
+        --lengths=128,256 --kinds=full,local --workdir=/tmp/ruler
+
+What a fair comparison holds fixed (experiments/budget.py; every choice goes
+into `<workdir>/sweep.json` and a `protocol:` line):
+  * documents per step: `--sequences_per_step=N` trains every length on N
+    sequences per optimizer step (grad_accum_steps per length keeps each
+    micro-batch under `--micro_tokens`); `--tokens_per_batch=T` holds tokens per
+    step instead and refuses a length with fewer than `--min_sequences` (16)
+    sequences per step. Neither: the config's batch_size at every length.
+  * the attention budget: `--match=keys --budget=K` sets each kind's budget
+    parameter (local's radius, chunked's chunk_size, adaptive_span's max_span,
+    global_local's and transient_global's radius beside their globals and
+    summaries, hierarchical's level0_block) so that it attends at most K keys
+    per query; `--match=flops` so that its attention layer costs at most the
+    FLOPs per token of full attention over K keys. `full` is left as it is.
+  * seeds: three by default (mean +- std in compare); `--learning_rates` adds a
+    learning-rate dimension, each run in `<kind>/L<length>_lr<lr>_s<seed>`, and
+    compare keeps each (kind, length)'s best.
+  * the stopping criterion: compare marks whether each run's eval loss had
+    flattened (budget.CRITERION) — raise num_train_steps for the runs that had not.
 
 `--suite=ruler` runs the RULER-style tasks (configs/ruler.py:<task>) and the
 passkey and associative_recall configs, each task's runs under
@@ -28,25 +50,30 @@ commands (one per line) for a cluster scheduler instead of running them here.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import glob
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from absl import app, flags
 
-from experiments import compare
+from experiments import budget, compare
+from experiments.checks import (BadArgument, _one_line, check_config, check_kinds, parse_ints,
+                                plain_override)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('config', None, 'Task config file, e.g. configs/passkey.py.')
 flags.DEFINE_list('lengths', None, 'Sequence lengths (config.seq_len).')
 flags.DEFINE_list('kinds', None, 'Attention kinds (the config argument).')
-flags.DEFINE_list('seeds', ['0'], 'Seeds (config.seed).')
+flags.DEFINE_list('seeds', ['0', '1', '2'],
+                  'Seeds (config.seed); three by default, so tables report mean +- std.')
+flags.DEFINE_list('learning_rates', None,
+                  'Peak learning rates (config.learning_rate) to sweep, e.g. 1e-3,3e-3,1e-2; '
+                  'experiments.compare keeps the best per kind and length (default: the '
+                  'config\'s).')
 flags.DEFINE_string('workdir', None, 'Root directory of the sweep.')
 flags.DEFINE_multi_string('set', [], 'Extra overrides for every run, as field=value '
                           '(what longjax.main takes as --config.field=value).')
@@ -59,7 +86,20 @@ flags.DEFINE_enum('suite', '', ['', 'ruler'],
 flags.DEFINE_list('tasks', None, 'With --suite: the tasks to run (default: all of the suite).')
 flags.DEFINE_integer('tokens_per_batch', 0,
                      'If set, batch_size = tokens_per_batch // length for each run, so every '
-                     'length trains on the same tokens per step (0: the config\'s batch_size).')
+                     'length trains on the same tokens per step (0: the config\'s batch_size); '
+                     'a length with fewer than --min_sequences sequences per step is refused.')
+flags.DEFINE_integer('min_sequences', 16, 'With --tokens_per_batch: the fewest sequences per '
+                     'step any length may get.')
+flags.DEFINE_integer('sequences_per_step', 0,
+                     'If set, batch_size at every length (documents per step fixed), with '
+                     'grad_accum_steps chosen per length by --micro_tokens.')
+flags.DEFINE_integer('micro_tokens', 0, 'With --sequences_per_step: the most tokens of one '
+                     'micro-batch (0: no gradient accumulation).')
+flags.DEFINE_enum('match', '', ['', 'keys', 'flops'],
+                  'Budget-match the kinds (experiments/budget.py): keys = each kind\'s keys '
+                  'per query <= --budget; flops = its attention layer\'s FLOPs per token <= '
+                  'full attention over --budget keys.')
+flags.DEFINE_integer('budget', 0, 'With --match: the budget, in keys per query.')
 
 
 def suite_configs(suite: str) -> dict[str, str]:
@@ -76,10 +116,6 @@ USAGE_ERROR = 2  # Exit status for a bad argument: nothing was launched.
 TAIL_LINES = 3  # Lines of a failed run's output shown in the failure table.
 
 
-class BadArgument(ValueError):
-  """A sweep argument that would make runs fail; the message names it and the fix."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Run:
   kind: str
@@ -87,38 +123,56 @@ class Run:
   seed: int
   workdir: str
   task: str = ''  # a suite's task ('' for a one-config sweep)
+  learning_rate: Optional[float] = None  # None: the config's
+  settings: tuple[str, ...] = ()  # this run's own 'field=value' (batch shape, matched budget)
 
   @property
   def name(self) -> str:
-    return ' '.join(filter(None, [self.task, f'{self.kind} L={self.length} seed={self.seed}']))
+    lr = '' if self.learning_rate is None else f' lr={self.learning_rate:g}'
+    return ' '.join(filter(None, [self.task,
+                                  f'{self.kind} L={self.length}{lr} seed={self.seed}']))
 
-  def command(self, config: str, size: str = '', overrides: Sequence[str] = (),
-              tokens_per_batch: int = 0) -> list[str]:
+  def command(self, config: str, size: str = '', overrides: Sequence[str] = ()) -> list[str]:
     """config: a file, or file:word for a config that takes a word (a suite's task)."""
     path, _, word = config.partition(':')
     arg = ','.join(filter(None, [word, self.kind, size]))
     cmd = [sys.executable, '-m', 'longjax.main', f'--config={path}:{arg}',
            f'--workdir={self.workdir}', f'--config.seq_len={self.length}',
            f'--config.seed={self.seed}']
-    if tokens_per_batch:
-      cmd.append(f'--config.batch_size={batch_for(tokens_per_batch, self.length)}')
-    return cmd + [f'--config.{o}' for o in overrides]
-
-
-def batch_for(tokens_per_batch: int, length: int) -> int:
-  """The global batch that holds `tokens_per_batch` tokens of `length` each."""
-  if tokens_per_batch % length:
-    raise ValueError(f'--tokens_per_batch={tokens_per_batch} is not a multiple of length '
-                     f'{length}: choose lengths that divide it, so every run sees the same '
-                     'tokens per step.')
-  return tokens_per_batch // length
+    if self.learning_rate is not None:
+      cmd.append(f'--config.learning_rate={self.learning_rate:g}')
+    return cmd + [f'--config.{o}' for o in (*self.settings, *overrides)]
 
 
 def plan(workdir: str, kinds: Iterable[str], lengths: Iterable[int],
-         seeds: Iterable[int], task: str = '') -> list[Run]:
-  return [Run(kind, int(length), int(seed),
-              os.path.join(workdir, kind, f'L{length}_s{seed}'), task)
-          for kind in kinds for length in lengths for seed in seeds]
+         seeds: Iterable[int], task: str = '', learning_rates: Sequence[float] = (),
+         settings: Optional[Mapping] = None) -> list[Run]:
+  """One run per kind, length, learning rate and seed; settings: {(kind, length):
+  ['field=value', ...]} (budget.protocol's overrides)."""
+  settings = settings or {}
+  return [Run(kind, int(length), int(seed), os.path.join(workdir, kind, _run_dir(length, lr, seed)),
+              task, lr, tuple(settings.get((kind, length), ())))
+          for kind in kinds for length in lengths for lr in (learning_rates or [None])
+          for seed in seeds]
+
+
+def _run_dir(length: int, learning_rate: Optional[float], seed: int) -> str:
+  lr = '' if learning_rate is None else f'_lr{learning_rate:g}'
+  return f'L{length}{lr}_s{seed}'
+
+
+def parse_learning_rates(values: Optional[Sequence[str]]) -> list[float]:
+  rates = []
+  for value in values or ():
+    try:
+      rate = float(value)
+    except ValueError:
+      rate = 0.0
+    if not rate > 0:
+      raise BadArgument(f'--learning_rates: {value!r} is not a positive number; give it like '
+                        '--learning_rates=1e-3,3e-3,1e-2.')
+    rates.append(rate)
+  return rates
 
 
 def is_finished(run_workdir: str) -> bool:
@@ -132,136 +186,6 @@ def is_finished(run_workdir: str) -> bool:
   with open(metrics_path) as f:
     steps = [json.loads(line).get('step', -1) for line in f if line.strip()]
   return bool(steps) and max(steps) >= last
-
-
-# Checks before launching ------------------------------------------------------
-
-
-def parse_ints(flag: str, values: Sequence[str], *, minimum: int, example: str) -> list[int]:
-  what = 'a positive integer' if minimum == 1 else 'a non-negative integer'
-  if not values:
-    raise BadArgument(f'--{flag} is empty; give it like {example}.')
-  out = []
-  for value in values:
-    try:
-      number = int(value)
-    except ValueError:
-      number = None
-    if number is None or number < minimum:
-      raise BadArgument(f'--{flag}: {value!r} is not {what}; give it like {example}.')
-    out.append(number)
-  return out
-
-
-def check_kinds(kinds: Sequence[str]) -> None:
-  from longjax import attention  # pylint: disable=g-import-not-at-top  (imports JAX)
-  if not kinds:
-    raise BadArgument(f'--kinds is empty; valid kinds are: {", ".join(attention.KINDS)}.')
-  for kind in kinds:
-    if kind not in attention.KINDS:
-      raise BadArgument(f'--kinds: unknown attention kind {kind!r}; valid kinds are: '
-                        f'{", ".join(attention.KINDS)}.')
-
-
-def plain_override(override: str) -> str:
-  """'--config.model.dtype=float32' (as longjax.main takes it) -> 'model.dtype=float32'."""
-  override = override.strip()
-  for prefix in ('--config.', 'config.'):
-    if override.startswith(prefix):
-      override = override[len(prefix):]
-  return override
-
-
-def load_config(config: str, arg: str, overrides: Sequence[str] = ()):
-  """The ConfigDict longjax.main would build from --config=config:arg --config.<override>...
-
-  Parsed by ml_collections exactly as longjax.main parses it (locked, so an
-  unknown field or a value of the wrong type raises).
-  """
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  argv = ['sweep', f'--config={config}:{arg}' if arg else f'--config={config}']
-  argv += [f'--config.{o}' for o in overrides]
-  flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file('config', None, 'the task config',
-                                           flag_values=flag_values, lock_config=True,
-                                           sys_argv=argv)
-  flag_values(argv)
-  return holder.value
-
-
-def _unknown_field(config, field: str) -> str:
-  """Which part of a dotted field the config lacks, the nearest name and the valid ones."""
-  node, where = config, 'config'
-  for part in field.split('.'):
-    keys = list(node.keys()) if hasattr(node, 'keys') else []
-    if part not in keys:
-      if not keys:
-        return f'{where} is a value, not a group of fields'
-      near = (difflib.get_close_matches(part, keys, n=1) or
-              difflib.get_close_matches(field, _dotted_fields(config), n=1))
-      hint = f' (did you mean {near[0]!r}?)' if near else ''
-      return f'{where} has no field {part!r}{hint}; its fields are: {", ".join(sorted(keys))}'
-    node, where = node[part], f'{where}.{part}'
-  return ''
-
-
-def _dotted_fields(node, prefix: str = '') -> list[str]:
-  """Every field of a config as a dotted name: 'seed', 'model', 'model.attention.kind'..."""
-  names = []
-  for key in node.keys() if hasattr(node, 'keys') else ():
-    names.append(prefix + key)
-    names += _dotted_fields(node[key], f'{prefix}{key}.')
-  return names
-
-
-def check_config(config: str, kinds: Sequence[str], size: str,
-                 overrides: Sequence[str]):
-  """Loads the config of every kind with the overrides; returns the first kind's.
-
-  config: a file, or file:word (a suite's task word, put before the kind).
-  """
-  config, _, word = config.partition(':')
-  if word:
-    kinds = [','.join(filter(None, [word, kind])) for kind in kinds]
-  if not os.path.exists(config):
-    found = sorted(glob.glob(os.path.join(os.path.dirname(config) or '.', '*.py')))
-    raise BadArgument(f'--config={config}: no such file (from {os.getcwd()}); config files '
-                      f'there: {", ".join(found) or "none"}.')
-  first_arg = ','.join(filter(None, [kinds[0], size]))
-  try:
-    loaded = load_config(config, first_arg)
-  except Exception as error:  # pylint: disable=broad-except  (any failure of the user's file)
-    raise BadArgument(f'--config={config}:{first_arg}: {_one_line(error)}') from None
-  for override in overrides:
-    if '=' not in override:
-      raise BadArgument(f'--set {override}: write field=value, e.g. --set num_train_steps=300.')
-    field = override.split('=', 1)[0]
-    unknown = _unknown_field(loaded, field)
-    if unknown:
-      raise BadArgument(f'--set {override}: {unknown}.')
-    try:
-      load_config(config, first_arg, [override])
-    except Exception as error:  # pylint: disable=broad-except
-      raise BadArgument(f'--set {override}: {_one_line(error)}') from None
-  configs = []
-  for kind in kinds:  # Every run's exact config, all overrides together.
-    arg = ','.join(filter(None, [kind, size]))
-    try:
-      configs.append(load_config(config, arg, overrides))
-    except Exception as error:  # pylint: disable=broad-except
-      given = ''.join(f' --set {o}' for o in overrides)
-      raise BadArgument(f'--config={config}:{arg}{given}: {_one_line(error)}') from None
-  return configs[0]
-
-
-def _one_line(error: BaseException) -> str:
-  while error.args and isinstance(error.args[0], BaseException):
-    error = error.args[0]  # ml_collections wraps errors: AttributeError(KeyError(...)).
-  message = str(error.args[0]) if len(error.args) == 1 else str(error)
-  if 'Traceback (most recent call last)' in message:
-    # ml_collections quotes the config file's traceback: its last line is the error.
-    message = [line for line in message.splitlines() if line.strip()][-1]
-  return ' '.join(message.split())
 
 
 # Running ------------------------------------------------------------------------
@@ -352,6 +276,22 @@ def run_all(runs: Sequence[Run], commands: Sequence[list[str]]) -> list[Failure]
   return failures
 
 
+def write_protocol(workdir: str, header: Mapping) -> str:
+  """<workdir>/sweep.json: what the sweep held fixed (per task for a suite)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'sweep.json')
+  body = header[''] if list(header) == [''] else dict(header)
+  with open(path, 'w') as f:
+    json.dump(_json_keys(body), f, indent=2)
+  return path
+
+
+def _json_keys(value):
+  if isinstance(value, Mapping):
+    return {str(k): _json_keys(v) for k, v in value.items()}
+  return value
+
+
 def main(argv: Sequence[str]) -> int:
   """The sweep (FLAGS already parsed); returns the exit status: 0 when every run
   finished (or with --print_only), 1 when a run failed, 2 for a bad argument
@@ -361,11 +301,7 @@ def main(argv: Sequence[str]) -> int:
   try:
     lengths = parse_ints('lengths', FLAGS.lengths, minimum=1, example='--lengths=32,64,128')
     seeds = parse_ints('seeds', FLAGS.seeds, minimum=0, example='--seeds=0,1,2')
-    for length in lengths if FLAGS.tokens_per_batch else ():
-      try:
-        batch_for(FLAGS.tokens_per_batch, length)
-      except ValueError as error:
-        raise BadArgument(str(error)) from None
+    learning_rates = parse_learning_rates(FLAGS.learning_rates)
     check_kinds(FLAGS.kinds)
     overrides = [plain_override(o) for o in FLAGS.set]
     if bool(FLAGS.suite) == bool(FLAGS.config):
@@ -381,10 +317,19 @@ def main(argv: Sequence[str]) -> int:
       task_configs = {t: tasks[t] for t in chosen}
     else:
       task_configs = {'': FLAGS.config}
-    loaded = [check_config(c, FLAGS.kinds, FLAGS.size, overrides)
-              for c in task_configs.values()]
+    loaded = {task: check_config(c, FLAGS.kinds, FLAGS.size, overrides)
+              for task, c in task_configs.items()}
+    try:
+      protocols = {task: budget.protocol(
+          configs, lengths, overrides=overrides, tokens_per_batch=FLAGS.tokens_per_batch,
+          min_sequences=FLAGS.min_sequences, sequences_per_step=FLAGS.sequences_per_step,
+          micro_tokens=FLAGS.micro_tokens, match=FLAGS.match, budget=FLAGS.budget)
+                   for task, configs in loaded.items()}
+    except budget.BudgetError as error:
+      raise BadArgument(str(error)) from None
     # The model must accept the longest length of the sweep.
-    longest, max_len = max(lengths), min(c.model.max_len for c in loaded)
+    longest = max(lengths)
+    max_len = min(c.model.max_len for configs in loaded.values() for c in configs.values())
     max_len_set = any(o.startswith('model.max_len=') for o in overrides)
     if longest > max_len and max_len_set:
       raise BadArgument(f'--set model.max_len={max_len} is shorter than the longest of '
@@ -398,12 +343,19 @@ def main(argv: Sequence[str]) -> int:
           'every run.', file=sys.stderr)
   runs, commands = [], []
   for task, config in task_configs.items():
-    for run in plan(os.path.join(FLAGS.workdir, task), FLAGS.kinds, lengths, seeds, task):
+    for run in plan(os.path.join(FLAGS.workdir, task), FLAGS.kinds, lengths, seeds, task,
+                    learning_rates, protocols[task].overrides):
       runs.append(run)
-      commands.append(run.command(config, FLAGS.size, overrides, FLAGS.tokens_per_batch))
+      commands.append(run.command(config, FLAGS.size, overrides))
+  header = {task: dict(protocols[task].description, seeds=seeds,
+                       learning_rates=learning_rates or 'the config\'s') for task in task_configs}
+  for task, description in header.items():
+    print(f'protocol{" of " + task if task else ""}: {description["documents_per_step"]}; '
+          f'attention budget: {description["match"]}; seeds {seeds}', file=sys.stderr)
   if FLAGS.print_only:
     print('\n'.join(shlex.join(cmd) for cmd in commands))
     return 0
+  write_protocol(FLAGS.workdir, header)
   failures = run_all(runs, commands)
   if failures:
     print(failure_table(failures, len(runs)), flush=True)

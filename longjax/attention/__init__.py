@@ -38,7 +38,7 @@ from longjax.attention.global_local import global_local
 from longjax.attention.hierarchical import hierarchical
 from longjax.attention.local import local
 from longjax.attention.multiresolution import multiresolution
-from longjax.attention.spec import PARAMS, CacheLayout, KeyGroup, KindSpec, Slots
+from longjax.attention.spec import PARAMS, CacheLayout, KeyGroup, KindSpec, Slots, budget_query
 from longjax.attention.transient_global import transient_global
 
 _SPECS = (_dot_product.SPEC, _local.SPEC, _global_local.SPEC, _transient_global.SPEC,
@@ -65,7 +65,7 @@ def get(kind: str) -> Callable:
 
 __all__ = [
     'CacheLayout', 'DEFAULT_KIND', 'KINDS', 'KeyGroup', 'KindSpec', 'PARAMS', 'Slots',
-    'adaptive_span',
+    'adaptive_span', 'budget_query',
     'chunked', 'dot_product', 'get', 'global_local', 'hierarchical', 'implementations', 'local',
     'multiresolution',
     'needed_radius', 'scatter_rows', 'soft_mask', 'span_penalty', 'spec', 'transient_global',

@@ -34,6 +34,7 @@ time instead of gigabytes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import NamedTuple, Optional
@@ -45,6 +46,19 @@ from longjax.attention import _core
 
 # Score elements one chunk of blocks may hold at once (2^24 float32 = 64 MiB).
 CHUNK_SCORES = 1 << 24
+
+
+@contextlib.contextmanager
+def one_chunk():
+  """Traces every part as one chunk, for XLA's cost analysis, which counts a
+  loop's body once rather than once per trip (experiments.budget's FLOPs). What
+  is traced inside is for analysis only: at long lengths it would not fit."""
+  global CHUNK_SCORES
+  saved, CHUNK_SCORES = CHUNK_SCORES, float('inf')
+  try:
+    yield
+  finally:
+    CHUNK_SCORES = saved
 
 _EXTRAS = ('mask', 'bias', 'log_weight', 'weight')
 

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from longjax.attention import _core, implementations, spec
-from longjax.attention.local import (default_block, ring_length, window_group, window_part,
-                                     window_visible)
+from longjax.attention.local import (default_block, ring_length, window_group, window_keys,
+                                     window_part, window_visible)
 
 
 def soft_mask(distance, spans, ramp: float):
@@ -108,6 +108,12 @@ def _clipped_spans(spans, max_span: int, heads: int, name: str):
 
 
 # Decoding: a ring of the last max_span + 1 positions, weighted by the soft mask.
+def keys_per_query(settings, length: int, causal: bool) -> int:
+  """The window of radius max_span (the most a head reaches; a learned span z
+  weights keys beyond z + R by 0, see `needed_radius`)."""
+  return int(window_keys(length, settings['max_span'], causal).sum())
+
+
 def cache_layout(settings, max_length: int) -> spec.CacheLayout:
   return spec.CacheLayout(pinned=0, ring=ring_length(settings['max_span'] + 1, max_length))
 
@@ -127,4 +133,5 @@ SPEC = spec.KindSpec(
     'adaptive_span', adaptive_span, ('max_span', 'span_ramp'), 'O(L S)',
     'Adaptive attention span (Sukhbaatar et al. 2019)',
     cache_layout=cache_layout, decode_keys=decode_keys, learns_spans=True,
-    tile=lambda settings: default_block(settings['max_span']))
+    tile=lambda settings: default_block(settings['max_span']),
+    keys_per_query=keys_per_query, budget_param='max_span')

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 from longjax.attention import _core, band, implementations, spec
 from longjax.attention.local import ring_length, window_group, window_part
@@ -72,6 +73,15 @@ def chunked(q, k, v, *, chunk_size: int, causal: bool = False, segment_ids=None,
   return _core.merge([part], q.dtype)
 
 
+def keys_per_query(settings, length: int, causal: bool) -> int:
+  """The budget query's chunk (up to itself when causal)."""
+  query, keys = spec.budget_query(length, causal), np.arange(length)
+  visible = same_chunk(query, keys, settings['chunk_size'])
+  if causal:
+    visible &= keys <= query
+  return int(visible.sum())
+
+
 def cache_layout(settings, max_length: int) -> spec.CacheLayout:
   return spec.CacheLayout(pinned=0, ring=ring_length(settings['chunk_size'], max_length))
 
@@ -87,4 +97,5 @@ SPEC = spec.KindSpec('chunked', chunked, ('chunk_size',), 'O(L c)',
                      'split, attend, concatenate baseline',
                      cache_layout=cache_layout, decode_keys=decode_keys,
                      implementations=('xla', 'splash', 'pallas_gpu'),
-                     tile=lambda settings: settings['chunk_size'])
+                     tile=lambda settings: settings['chunk_size'],
+                     keys_per_query=keys_per_query, budget_param='chunk_size')

@@ -100,6 +100,12 @@ def dot_product(q, k, v, *, causal: bool = False, segment_ids=None,
 
 
 # Decoding: every earlier position stays in the cache (pinned slots).
+def keys_per_query(settings, length: int, causal: bool) -> int:
+  """Every key of the row (the last query's, when causal)."""
+  del settings, causal  # The budget query sees the whole row either way.
+  return int(length)
+
+
 def cache_layout(settings, max_length: int) -> spec.CacheLayout:
   del settings
   return spec.CacheLayout(pinned=max_length, ring=0)
@@ -112,4 +118,5 @@ def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
 
 SPEC = spec.KindSpec('full', dot_product, (), 'O(L^2)', 'Vaswani et al. 2017',
                      cache_layout=cache_layout, decode_keys=decode_keys,
-                     implementations=('xla', 'cudnn', 'splash', 'pallas_gpu'))
+                     implementations=('xla', 'cudnn', 'splash', 'pallas_gpu'),
+                     keys_per_query=keys_per_query)

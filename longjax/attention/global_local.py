@@ -43,8 +43,8 @@ import jax.numpy as jnp
 
 from longjax import sharding
 from longjax.attention import _blocks, _core, band, implementations, pallas_gpu, spec
-from longjax.attention.local import (default_block, ring_length, window_group, window_part,
-                                     window_visible)
+from longjax.attention.local import (default_block, ring_length, window_group, window_keys,
+                                     window_part, window_visible)
 
 
 def prefix_global(position, num_global: int):
@@ -346,6 +346,15 @@ def _merge_by_position(part: _core.Part, pos, valid, length) -> _core.Part:
 # pinned in the cache (attention sinks), the window is a ring. With separate
 # projections the pinned positions also keep their global keys/values, for the
 # rows of a prompt shorter than num_global (`decode_global_keys`).
+def keys_per_query(settings, length: int, causal: bool) -> int:
+  """The budget query's window and the row's prefix globals (those before it
+  when causal), each key once: 2r + 1 + g in a long row, r + 1 + g causally."""
+  visible = window_keys(length, settings['radius'], causal)
+  query = spec.budget_query(length, causal)
+  visible[:min(settings['num_global'], query + 1 if causal else length)] = True
+  return int(visible.sum())
+
+
 def cache_layout(settings, max_length: int) -> spec.CacheLayout:
   return spec.CacheLayout(pinned=min(settings['num_global'], max_length),
                           ring=ring_length(settings['radius'] + 1, max_length))
@@ -374,4 +383,5 @@ SPEC = spec.KindSpec(
     cache_layout=cache_layout, decode_keys=decode_keys, accepts_global_mask=True,
     global_projections=True, decode_global_keys=decode_global_keys,
     implementations=('xla', 'splash', 'pallas_gpu'),
-    tile=lambda settings: default_block(settings['radius']))
+    tile=lambda settings: default_block(settings['radius']),
+    keys_per_query=keys_per_query, budget_param='radius')

@@ -281,6 +281,19 @@ def levels_cache_layout(b: int, max_length: int, *, pool_queries: bool) -> spec.
                           pool_slots=slots, pool_queries=pool_queries)
 
 
+def keys_per_query(settings, length: int, causal: bool) -> int:
+  """Level 0's keys of the budget query i and, at every level l >= 1, the coarse
+  keys its level-l coarse query i // 2^l scores (each one slot). The same key
+  sets as `multiresolution`'s; H-Transformer-1D's FLOPs are lower, as a coarse
+  query and its scores are shared by its 2^l tokens."""
+  b, query = settings['level0_block'], spec.budget_query(length, causal)
+  keys = int(level0_visible(query, np.arange(length), b, causal=causal).sum())
+  for level in range(1, num_levels(length, b) + 1):
+    groups = np.arange(-(-length // 2 ** level))
+    keys += int(coarse_visible(query // 2 ** level, groups, b, causal=causal).sum())
+  return keys
+
+
 def cache_layout(settings, max_length: int) -> spec.CacheLayout:
   return levels_cache_layout(settings['level0_block'], max_length, pool_queries=True)
 
@@ -304,4 +317,5 @@ def decode_keys(settings, window: spec.Slots, pooled, t) -> list:
 SPEC = spec.KindSpec(
     'hierarchical', hierarchical, ('level0_block',), 'O(L b)',
     'H-Transformer-1D (Zhu & Soricut 2021)', cache_layout=cache_layout, decode_keys=decode_keys,
-    tile=lambda settings: settings['level0_block'])
+    tile=lambda settings: settings['level0_block'],
+    keys_per_query=keys_per_query, budget_param='level0_block')

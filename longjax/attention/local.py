@@ -159,6 +159,17 @@ def ring_length(count: int, max_length: int) -> int:
   return min(count, max_length)
 
 
+def window_keys(length: int, radius: int, causal: bool) -> np.ndarray:
+  """bool [length]: the keys of one row the budget query's window sees."""
+  rel = spec.budget_query(length, causal) - np.arange(length)
+  return np.asarray(window_visible(rel, radius=radius, causal=causal))
+
+
+def keys_per_query(settings, length: int, causal: bool) -> int:
+  """The window: min(2r + 1, length) keys bidirectionally, r + 1 causally."""
+  return int(window_keys(length, settings['radius'], causal).sum())
+
+
 def cache_layout(settings, max_length: int) -> spec.CacheLayout:
   return spec.CacheLayout(pinned=0, ring=ring_length(settings['radius'] + 1, max_length))
 
@@ -187,4 +198,5 @@ SPEC = spec.KindSpec(
     'Longformer sliding window (Beltagy et al. 2020); LongT5 local',
     cache_layout=cache_layout, decode_keys=decode_keys,
     implementations=('xla', 'cudnn', 'splash', 'pallas_gpu'),
-    tile=lambda settings: default_block(settings['radius']))
+    tile=lambda settings: default_block(settings['radius']),
+    keys_per_query=keys_per_query, budget_param='radius')

@@ -162,6 +162,17 @@ def multiresolution(q, k, v, *, level0_block: int, causal: bool = False, segment
 
 # Decoding: level 0 keeps the last 2b positions (blocks N_0 - 1 and N_0); each
 # coarse level a ring of at most 2b group means (its region before the query).
+def keys_per_query(settings, length: int, causal: bool) -> int:
+  """Level 0's keys of the budget query and its coarse keys at every level
+  (each one slot): about 3b + 1.5b per level bidirectionally."""
+  b, query = settings['level0_block'], spec.budget_query(length, causal)
+  keys = int(level0_visible(query, np.arange(length), b, causal=causal).sum())
+  for level in range(1, num_levels(length, b) + 1):
+    groups = np.arange(-(-length // 2 ** level))
+    keys += int(coarse_visible(query, groups, level=level, level0_block=b, causal=causal).sum())
+  return keys
+
+
 def cache_layout(settings, max_length: int) -> spec.CacheLayout:
   return levels_cache_layout(settings['level0_block'], max_length, pool_queries=False)
 
@@ -183,4 +194,5 @@ SPEC = spec.KindSpec(
     'multiresolution', multiresolution, ('level0_block',), 'O(L b log(L/b))',
     'longjax variant of H-Transformer-1D (Zhu & Soricut 2021) with exact per-token queries',
     cache_layout=cache_layout, decode_keys=decode_keys, segment_aligned=False,
-    tile=lambda settings: settings['level0_block'])
+    tile=lambda settings: settings['level0_block'],
+    keys_per_query=keys_per_query, budget_param='level0_block')

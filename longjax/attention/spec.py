@@ -18,7 +18,10 @@ A kind is defined once, in its own module, by its `SPEC`:
     task's marked global tokens), `summary_layout` (block summaries built
     from the layer's inputs, LongT5's TGlobal) and `global_projections`
     (separate projections for global rows, Longformer's);
-  * its cost and its paper.
+  * its cost and its paper, and its attention budget: `keys_per_query`, how
+    many keys (a pooled key or summary counting as one) the representative
+    query attends, and `budget_param`, the setting that scales it, which
+    `experiments.sweep --match=keys` sets to match kinds.
 """
 from __future__ import annotations
 
@@ -95,6 +98,14 @@ class KeyGroup(NamedTuple):
   query: Optional[jax.Array] = None
 
 
+def budget_query(length: int, causal: bool) -> int:
+  """The query whose keys `KindSpec.keys_per_query` counts: the last when causal
+  (it sees the most), the middle one bidirectionally (away from both ends)."""
+  return length - 1 if causal else length // 2
+
+
+# keys_per_query(settings, length, causal) -> int
+KeysFn = Callable[[Mapping, int, bool], int]
 # cache_layout(settings, max_length) -> CacheLayout
 LayoutFn = Callable[[Mapping, int], CacheLayout]
 # decode_keys(settings, window: Slots, pooled: tuple[Slots, ...], t [batch], **extra)
@@ -168,6 +179,12 @@ class KindSpec:
   # tiling). A sequence-sharded input must give each shard whole tiles, so that
   # a tile's neighbours are whole blocks of the next shard (config validation).
   tile: Optional[Callable[[Mapping], int]] = None
+  # The attention budget: keys_per_query(settings, length, causal), the keys
+  # the `budget_query` of one unpacked row of `length` attends (a pooled key,
+  # coarse key or summary counts as one; global tokens' own rows excluded),
+  # and budget_param, the setting it grows with (None: nothing to set, full).
+  keys_per_query: Optional[KeysFn] = None
+  budget_param: Optional[str] = None
 
   def settings(self, values) -> dict:
     """This kind's settings from any object (a typed config) or mapping holding them."""

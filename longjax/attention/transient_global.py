@@ -42,8 +42,8 @@ from typing import NamedTuple, Optional
 import jax.numpy as jnp
 
 from longjax.attention import _blocks, _core, implementations, spec
-from longjax.attention.local import (default_block, ring_length, window_group, window_part,
-                                     window_visible)
+from longjax.attention.local import (default_block, ring_length, window_group, window_keys,
+                                     window_part, window_visible)
 
 
 def num_summaries(length: int, summary_block: int) -> int:
@@ -174,6 +174,15 @@ def transient_global(q, k, v, *, summary_k, summary_v, radius: int, summary_bloc
   return _core.merge([window, summaries], q.dtype)
 
 
+def keys_per_query(settings, length: int, causal: bool) -> int:
+  """The window and the summaries the budget query sees: every block's (orphans
+  join the last, length // k) bidirectionally; causally those of blocks ending
+  at or before it, (c + 1) k <= query."""
+  block = settings['summary_block']
+  summaries = (spec.budget_query(length, causal) if causal else length) // block
+  return int(window_keys(length, settings['radius'], causal).sum()) + summaries
+
+
 # Decoding: a ring of the last radius + 1 positions, and one summary per block,
 # formed by the layer from its inputs when the block's last token arrives.
 def cache_layout(settings, max_length: int) -> spec.CacheLayout:
@@ -200,4 +209,5 @@ SPEC = spec.KindSpec(
     'transient_global', transient_global, ('radius', 'summary_block'), 'O(L (r + L/k))',
     'LongT5 TGlobal (Guo et al. 2022)', cache_layout=cache_layout, decode_keys=decode_keys,
     summary_layout=summary_layout,
-    tile=lambda settings: math.lcm(default_block(settings['radius']), settings['summary_block']))
+    tile=lambda settings: math.lcm(default_block(settings['radius']), settings['summary_block']),
+    keys_per_query=keys_per_query, budget_param='radius')

@@ -114,7 +114,7 @@ def fake_launch(failing=()):
 def test_sweep_reports_each_run_and_fails_with_a_table(monkeypatch, capsys, tmp_path):
   root = str(tmp_path / 'sweep')
   argv = ['--config=configs/passkey.py', '--lengths=32,64', '--kinds=full,local',
-          f'--workdir={root}', '--set', 'num_train_steps=20']
+          f'--workdir={root}', '--seeds=0', '--set', 'num_train_steps=20']
   assert run_cli(monkeypatch, argv, fake_launch(failing={('local', 64)})) == 1
   lines = capsys.readouterr().out.splitlines()
   finished = [line for line in lines if ': finished in ' in line]
@@ -144,7 +144,7 @@ def test_sweep_reports_each_run_and_fails_with_a_table(monkeypatch, capsys, tmp_
 def test_print_only_prints_the_commands_and_runs_nothing(monkeypatch, capsys, tmp_path):
   root = str(tmp_path / 'sweep')
   argv = ['--config=configs/passkey.py', '--lengths=32,100000', '--kinds=local',
-          f'--workdir={root}', '--set', 'num_train_steps=7', '--print_only']
+          f'--workdir={root}', '--seeds=0', '--set', 'num_train_steps=7', '--print_only']
   assert run_cli(monkeypatch, argv) == 0
   out, err = capsys.readouterr()
   commands = [line.split() for line in out.splitlines()]
@@ -163,7 +163,8 @@ def test_a_failing_longjax_main_fails_the_sweep(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', LONGJAX_CONFIG_SIZE='')
   result = subprocess.run(
       [sys.executable, '-m', 'experiments.sweep', '--config=configs/passkey.py', '--size=tiny',
-       '--lengths=32', '--kinds=full', '--set', 'mesh.data=3', f'--workdir={root}'],
+       '--lengths=32', '--kinds=full', '--seeds=0', '--set', 'mesh.data=3',
+       f'--workdir={root}'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 1, result.stdout + result.stderr
   lines = result.stdout.splitlines()
@@ -192,19 +193,100 @@ def test_plan_gives_one_workdir_per_combination_and_skips_finished(tmp_path):
   assert not sweep.is_finished(str(tmp_path / 'missing'))
 
 
-def test_tokens_per_batch_keeps_tokens_per_step_constant():
-  runs = sweep.plan('/tmp/sweep', ['local'], [128, 512, 2048], [0])
-  batches = [int(_flag(run.command('configs/pretrain.py', tokens_per_batch=4096),
-                       'config.batch_size')) for run in runs]
-  assert batches == [32, 8, 2]
-  assert not any('batch_size' in a for a in runs[0].command('configs/pretrain.py'))
-  with pytest.raises(ValueError, match='tokens_per_batch=1000'):
-    sweep.batch_for(1000, 128)
+def _print_only(monkeypatch, capsys, tmp_path, *args, kinds='local', lengths='128,512,2048'):
+  argv = ['--config=configs/pretrain.py', f'--lengths={lengths}', f'--kinds={kinds}',
+          f'--workdir={tmp_path / "s"}', '--seeds=0', '--print_only', *args]
+  status = run_cli(monkeypatch, argv)
+  out, err = capsys.readouterr()
+  return status, [line.split() for line in out.splitlines()], err
+
+
+def test_tokens_per_batch_keeps_tokens_per_step_and_refuses_too_few_sequences(
+    monkeypatch, capsys, tmp_path):
+  status, commands, err = _print_only(monkeypatch, capsys, tmp_path, '--tokens_per_batch=65536')
+  assert status == 0, err
+  assert [int(_flag(c, 'config.batch_size')) for c in commands] == [512, 128, 32]
+  assert 'protocol: tokens per step fixed: 65536' in err
+  status, commands, err = _print_only(monkeypatch, capsys, tmp_path, '--tokens_per_batch=4096')
+  assert status == 2 and commands == []
+  assert err.startswith('error: --tokens_per_batch=4096 gives 8 sequences per step at length 512, '
+                        'fewer than --min_sequences=16')
+  status, _, err = _print_only(monkeypatch, capsys, tmp_path, '--tokens_per_batch=1000')
+  assert status == 2 and 'is not a multiple of length 128' in err
+
+
+def test_sequences_per_step_holds_documents_fixed_with_accumulation(monkeypatch, capsys, tmp_path):
+  status, commands, err = _print_only(monkeypatch, capsys, tmp_path, '--sequences_per_step=16',
+                                      '--micro_tokens=8192')
+  assert status == 0, err
+  shapes = [(int(_flag(c, 'config.batch_size')), int(_flag(c, 'config.grad_accum_steps')))
+            for c in commands]
+  # 16 sequences at every length; micro-batches of at most 8192 tokens: 16 x 128,
+  # 16 x 512 = 8192, 16 x 2048 in 4 micro-batches of 4.
+  assert shapes == [(16, 1), (16, 1), (16, 4)]
+  assert 'documents per step fixed: 16 sequences' in err
+
+
+def test_match_keys_sets_each_kinds_budget_param_per_length(monkeypatch, capsys, tmp_path):
+  status, commands, err = _print_only(
+      monkeypatch, capsys, tmp_path, '--match=keys', '--budget=64', '--set',
+      'model.attention.num_global=8', '--set', 'model.attention.summary_block=64',
+      kinds='full,local,global_local,transient_global', lengths='256,1024')
+  assert status == 0, err
+  settings = {(_flag(c, 'config').split(':')[1], int(_flag(c, 'config.seq_len'))):
+              [a for a in c if a.startswith('--config.model.attention.radius')] for c in commands}
+  # Causal LM: local sees r + 1 keys, global_local r + 1 + g, transient_global
+  # r + 1 + (L - 1) // k summaries (LongT5's, of the blocks that ended).
+  assert settings['full', 256] == []
+  assert settings['local', 256] == settings['local', 1024] == ['--config.model.attention.radius=63']
+  assert settings['global_local', 1024] == ['--config.model.attention.radius=55']
+  assert settings['transient_global', 256] == ['--config.model.attention.radius=60']
+  assert settings['transient_global', 1024] == ['--config.model.attention.radius=48']
+  assert 'attention budget: keys per query <= 64' in err
+
+
+@pytest.mark.parametrize('args, error', [
+    (['--match=keys'], 'error: --match and --budget go together'),
+    (['--match=keys', '--budget=64', '--set', 'model.attention.radius=8'],
+     'error: --set model.attention.radius conflicts with --match=keys'),
+    (['--match=keys', '--budget=4', '--set', 'model.attention.summary_block=16'],
+     'error: transient_global at length 128: even radius=1 costs 9 keys per query, more than '
+     '--budget=4 keys (its length / summary_block summaries alone'),
+    (['--sequences_per_step=16', '--tokens_per_batch=4096'], 'error: give --tokens_per_batch'),
+    (['--micro_tokens=64'], 'error: --micro_tokens splits --sequences_per_step'),
+    (['--sequences_per_step=16', '--set', 'batch_size=4'],
+     'error: --set batch_size / grad_accum_steps conflict'),
+    (['--learning_rates=1e-3,-1'], "error: --learning_rates: '-1' is not a positive number"),
+])
+def test_protocol_arguments_are_checked(monkeypatch, capsys, tmp_path, args, error):
+  status, commands, err = _print_only(monkeypatch, capsys, tmp_path, *args,
+                                      kinds='local,transient_global', lengths='128')
+  assert status == 2 and commands == [] and err.startswith(error), err
+
+
+def test_learning_rates_are_a_sweep_dimension_and_the_protocol_is_written(monkeypatch, capsys,
+                                                                           tmp_path):
+  status, commands, err = _print_only(monkeypatch, capsys, tmp_path,
+                                      '--learning_rates=1e-3,3e-3', lengths='128')
+  assert status == 0, err
+  assert [_flag(c, 'config.learning_rate') for c in commands] == ['0.001', '0.003']
+  assert [_flag(c, 'workdir').rsplit('/', 1)[1] for c in commands] == ['L128_lr0.001_s0',
+                                                                       'L128_lr0.003_s0']
+  root = str(tmp_path / 'w')
+  argv = ['--config=configs/pretrain.py', '--lengths=128', '--kinds=local', f'--workdir={root}',
+          '--seeds=0', '--sequences_per_step=16', '--match=keys', '--budget=32', '--set',
+          'num_train_steps=20']
+  assert run_cli(monkeypatch, argv, lambda cmd, log: 0) == 0  # a launcher that does nothing
+  with open(os.path.join(root, 'sweep.json')) as f:
+    written = json.load(f)
+  assert written['batch_size'] == {'128': 16} and written['seeds'] == [0]
+  assert written['settings'] == {'local': {'128': {'radius': 31, 'keys_per_query': 32}}}
+  assert written['num_train_steps'] == 20 and 'flat' in written['criterion']
 
 
 def test_ruler_suite_prints_one_run_per_task_kind_and_length(monkeypatch, capsys, tmp_path):
   argv = ['--suite=ruler', '--tasks=niah_multikey,variable_tracking,passkey', '--lengths=128,256',
-          '--kinds=full,local', f'--workdir={tmp_path}', '--print_only']
+          '--kinds=full,local', f'--workdir={tmp_path}', '--seeds=0', '--print_only']
   assert run_cli(monkeypatch, argv) == 0
   commands = [line.split() for line in capsys.readouterr().out.splitlines()]
   assert len(commands) == 3 * 2 * 2
