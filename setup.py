@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     # tfds' code_path for builders defined in a package needs it.
     "importlib-resources==7.1.0",
     "sentencepiece==0.2.3",
+    # Hugging Face checkpoints (longjax.convert), read one tensor at a time.
+    "safetensors==0.8.0",
     # Evaluation and plots.
     "rouge-score==0.1.2",
     "sacrebleu==2.6.0",
@@ -44,6 +46,9 @@ EXTRAS = {
         # (4.57.6 is the last release with Flax models).
         "transformers==4.57.6",
     ],
+    # The reference forward passes of the HF checkpoint tests (tests/convert/:
+    # transformers' PyTorch Llama / Mistral / Qwen2); the CPU build.
+    "convert": ["torch==2.13.0"],
     # GPU wheels for jax (CUDA 12); install with `pip install -e .[cuda]`.
     "cuda": ["jax[cuda12]==0.10.2"],
     # TPU runtime; install with `pip install -e .[tpu]`.

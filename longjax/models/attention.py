@@ -42,9 +42,27 @@ class _Projections(nnx.Module):
                            ('embed', 'kv_heads', 'kv'), pd)
     self.wo = layers.param(rngs, layers.normal((h * d) ** -0.5), (h, d, e),
                            ('heads', 'kv', 'embed'), pd)
+    if config.qkv_bias:  # Qwen2's q/k/v biases
+      zeros = jax.nn.initializers.zeros
+      self.bq = layers.param(rngs, zeros, (h, d), ('heads', 'kv'), pd)
+      self.bk = layers.param(rngs, zeros, (hk, d), ('kv_heads', 'kv'), pd)
+      self.bv = layers.param(rngs, zeros, (hk, d), ('kv_heads', 'kv'), pd)
 
   def _w(self, p):
     return p[...].astype(self.config.dtype)
+
+  def rope_frequencies(self):
+    """RoPE's frequency per feature pair, with the model's rope scaling (a constant)."""
+    c = self.config
+    return layers.rope_frequencies(
+        c.head_dim, c.rope_max_wavelength, scaling=c.rope_scaling, factor=c.rope_scaling_factor,
+        low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor,
+        original_max_len=c.rope_original_max_len)
+
+  def _project(self, x, w, bias: str):
+    """x [b, l, e] @ w [e, heads, d] (+ the projection's bias, model.qkv_bias)."""
+    y = jnp.einsum('ble,ehd->blhd', x, self._w(w))
+    return y + self._w(getattr(self, bias)) if self.config.qkv_bias else y
 
   def output(self, out):
     out = checkpoint_name(out, 'attention_out')
@@ -71,7 +89,7 @@ class SelfAttention(_Projections):
     if self.spec.summary_layout is not None:
       # LongT5's global_input_layer_norm: a learned RMS norm of each block's
       # summed inputs, before the layer's own k/v projections.
-      self.summary_norm = layers.RMSNorm(config.emb_dim, dtype=config.dtype,
+      self.summary_norm = layers.RMSNorm(config.emb_dim, dtype=config.dtype, eps=config.norm_eps,
                                          param_dtype=config.param_dtype, rngs=rngs)
     if self.spec.learns_spans:
       # A fraction of max_span per head, kept in [0, 1] by the optimizer (spans()).
@@ -104,12 +122,14 @@ class SelfAttention(_Projections):
     those of the separate global projections."""
     wq, wk, wv = ((self.wq_global, self.wk_global, self.wv_global) if global_rows
                   else (self.wq, self.wk, self.wv))
-    q = jnp.einsum('ble,ehd->blhd', x, self._w(wq))
-    k = jnp.einsum('ble,ehd->blhd', x, self._w(wk))
-    v = jnp.einsum('ble,ehd->blhd', x, self._w(wv))
+    if global_rows:  # Longformer's global projections have no biases
+      q, k, v = (jnp.einsum('ble,ehd->blhd', x, self._w(w)) for w in (wq, wk, wv))
+    else:
+      q, k, v = (self._project(x, w, b) for w, b in ((wq, 'bq'), (wk, 'bk'), (wv, 'bv')))
     if self.config.positions == 'rope':
-      q = layers.apply_rope(q, positions, self.config.rope_max_wavelength)
-      k = layers.apply_rope(k, positions, self.config.rope_max_wavelength)
+      inv_freq = self.rope_frequencies()
+      q = layers.apply_rope(q, positions, inv_freq)
+      k = layers.apply_rope(k, positions, inv_freq)
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'kv'))
     k = sharding.constrain(k, ('batch', 'length', 'kv_heads', 'kv'))
     v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'kv'))
@@ -265,14 +285,14 @@ class CrossAttention(_Projections):
 
   def project_memory(self, encoded):
     """Keys and values of the encoder output, [b, source_len, kv_heads, d]."""
-    k = jnp.einsum('ble,ehd->blhd', encoded, self._w(self.wk))
-    v = jnp.einsum('ble,ehd->blhd', encoded, self._w(self.wv))
+    k = self._project(encoded, self.wk, 'bk')
+    v = self._project(encoded, self.wv, 'bv')
     return (sharding.constrain(k, ('batch', 'kv_length', 'kv_heads', 'kv')),
             sharding.constrain(v, ('batch', 'kv_length', 'kv_heads', 'kv')))
 
   def __call__(self, x, memory, *, segment_ids, memory_segment_ids):
     """x [b, t, emb]; memory = project_memory(encoded); segment ids match queries to keys."""
-    q = jnp.einsum('ble,ehd->blhd', x, self._w(self.wq))
+    q = self._project(x, self.wq, 'bq')
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'kv'))
     k, v = memory
     # Cross-attention is full attention whatever the self-attention kind: an

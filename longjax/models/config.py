@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from longjax import attention
 
 POSITIONS = ('rope', 't5_bias', 'learned')
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
 # model.tile_tokens = -1: the default tiling. Untiled, the MLP's hidden
 # activations (3 x mlp_dim per token) and the fp32 logits are among the
 # largest arrays of a long step; 4k-token tiles bound them at a few MB
@@ -83,6 +84,19 @@ class ModelConfig:
   tie_embeddings: bool = True  # Share the input embedding with the output projection.
   positions: str = 'rope'  # 'rope', 't5_bias' (T5 relative buckets) or 'learned'.
   rope_max_wavelength: float = 10_000.0  # RoPE base.
+  # RoPE frequency scaling for context extension (layers.rope_frequencies):
+  # 'none'; 'linear' (position interpolation, Chen et al. 2023: positions / factor);
+  # 'llama3' (Llama 3.1: long wavelengths / factor, short kept, a smooth band between).
+  rope_scaling: str = 'none'
+  rope_scaling_factor: float = 1.0  # 'linear', 'llama3': the context extension factor.
+  rope_low_freq_factor: float = 1.0  # 'llama3': wavelengths beyond original_max_len / this are scaled.
+  rope_high_freq_factor: float = 4.0  # 'llama3': wavelengths below original_max_len / this are kept.
+  rope_original_max_len: int = 8192  # 'llama3': the pretrained context length.
+  norm_eps: float = 1e-6  # RMSNorm epsilon (HF's rms_norm_eps).
+  # Divide the tied readout by sqrt(emb_dim) (T5, and longjax's unit-variance
+  # embeddings); False: plain x E^T, as Llama / Qwen2 checkpoints with tied embeddings.
+  scale_tied_logits: bool = True
+  qkv_bias: bool = False  # Biases on the query/key/value projections (Qwen2).
   t5_num_buckets: int = 32  # Relative-position buckets for 't5_bias'.
   t5_max_distance: int = 128  # Distances beyond this share the last bucket.
   dtype: Any = 'bfloat16'  # Compute dtype of matmuls (softmax, norms, logits stay fp32).
@@ -167,6 +181,18 @@ class ModelConfig:
       fail('head_dim', f'RoPE rotates pairs of features; head_dim {head_dim} is odd.')
     if self.positions not in POSITIONS:
       fail('positions', f'{self.positions!r} is not one of {POSITIONS}.')
+    if self.rope_scaling not in ROPE_SCALINGS:
+      fail('rope_scaling', f'{self.rope_scaling!r} is not one of {ROPE_SCALINGS}.')
+    if self.rope_scaling != 'none' and not self.rope_scaling_factor >= 1.0:
+      fail('rope_scaling_factor', f'must be >= 1 (the context extension); got '
+           f'{self.rope_scaling_factor}.')
+    if self.rope_scaling == 'llama3' and not (
+        0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+      fail('rope_low_freq_factor', f'llama3 scaling needs 0 < rope_low_freq_factor < '
+           f'rope_high_freq_factor; got {self.rope_low_freq_factor}, '
+           f'{self.rope_high_freq_factor}.')
+    if not self.norm_eps > 0:
+      fail('norm_eps', f'must be > 0; got {self.norm_eps}.')
     if self.mlp_activation not in MLP_ACTIVATIONS:
       fail('mlp_activation', f'{self.mlp_activation!r} is not one of {MLP_ACTIVATIONS}.')
     if self.tile_tokens < -1:

@@ -73,12 +73,13 @@ class Embed(nnx.Module):
   def __call__(self, ids):
     return jnp.take(self.table[...], ids, axis=0).astype(self.dtype)
 
-  def attend(self, x):
+  def attend(self, x, scaled: bool = True):
     # Unit-variance embeddings: scale the tied readout by 1/sqrt(d) (as T5
-    # does) so initial logits are O(1).
+    # does) so initial logits are O(1); scaled=False for checkpoints trained
+    # without it (Llama, Qwen2 with tied embeddings).
     table = self.table[...].astype(self.dtype)
     logits = jnp.einsum('ble,ve->blv', x, table, preferred_element_type=jnp.float32)
-    return logits / math.sqrt(x.shape[-1])
+    return logits / math.sqrt(x.shape[-1]) if scaled else logits
 
 
 def map_tokens(fn, xs, tiles: int):
@@ -146,15 +147,45 @@ class MLP(nnx.Module):
     return map_tokens(apply, x, tiles)
 
 
-def apply_rope(x, positions, max_wavelength: float):
+def rope_frequencies(head_dim: int, max_wavelength: float, *, scaling: str = 'none',
+                     factor: float = 1.0, low_freq_factor: float = 1.0,
+                     high_freq_factor: float = 4.0, original_max_len: int = 8192) -> np.ndarray:
+  """float32 [head_dim / 2]: RoPE's angular frequency of each feature pair.
+
+  theta_i = max_wavelength^(-2i/d) (Su et al. 2021), then, for a context extended
+  `factor` times:
+    * 'linear': theta_i / factor — position interpolation (Chen et al. 2023), the
+      same as dividing positions by factor;
+    * 'llama3': Llama 3.1's rule (transformers' `_compute_llama3_parameters`):
+      wavelengths 2 pi / theta_i longer than original_max_len / low_freq_factor are
+      divided by factor, those shorter than original_max_len / high_freq_factor
+      kept, and the band between interpolated with s = (original_max_len /
+      wavelength - low) / (high - low): theta (1 - s) / factor + theta s.
+  """
+  inv_freq = (1.0 / max_wavelength ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                       / np.float32(head_dim))).astype(np.float32)
+  if scaling == 'none':
+    return inv_freq
+  if scaling == 'linear':
+    return (inv_freq / factor).astype(np.float32)
+  if scaling != 'llama3':
+    raise ValueError(f'rope scaling {scaling!r} is not one of none, linear, llama3.')
+  wavelength = 2 * np.pi / inv_freq
+  long = wavelength > original_max_len / low_freq_factor
+  short = wavelength < original_max_len / high_freq_factor
+  smooth = (original_max_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  scaled = np.where(long, inv_freq / factor, inv_freq)
+  medium = (1 - smooth) * scaled / factor + smooth * scaled
+  return np.where(~short & ~long, medium, scaled).astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
   """Rotary position embedding (Su et al. 2021) on [b, l, heads, d] at positions [b, l].
 
-  Rotates feature pairs (i, i + d/2) by positions * max_wavelength^(-2i/d);
+  Rotates feature pairs (i, i + d/2) by positions * inv_freq[i] (`rope_frequencies`);
   computed in fp32.
   """
-  d = x.shape[-1]
-  fraction = jnp.arange(d // 2, dtype=jnp.float32) * 2 / d
-  inv_freq = max_wavelength ** -fraction
+  inv_freq = jnp.asarray(inv_freq, jnp.float32)
   angle = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [b, l, 1, d/2]
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -53,7 +53,7 @@ DECODER_STREAM = 40_000
 
 def _norm(config: ModelConfig, rngs):
   return layers.RMSNorm(config.emb_dim, dtype=config.dtype,
-                        param_dtype=config.param_dtype, rngs=rngs)
+                        param_dtype=config.param_dtype, rngs=rngs, eps=config.norm_eps)
 
 
 def _layer_key(key, index):
@@ -262,7 +262,7 @@ class Embedder(nnx.Module):
 
   def logits(self, x):
     if self.config.tie_embeddings:
-      logits = self.token.attend(x)
+      logits = self.token.attend(x, scaled=self.config.scale_tied_logits)
     else:
       logits = jnp.einsum('ble,ev->blv', x, self.head[...].astype(self.config.dtype),
                           preferred_element_type=jnp.float32)

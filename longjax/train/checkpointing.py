@@ -249,6 +249,11 @@ class Checkpointer:
           f'was trained with ({self.directory.parent / "config.json"}).')
 
   def _data_restorable(self, step: int) -> bool:
+    if not (self.directory / str(step) / DATA).exists():
+      logging.info('The checkpoint at step %d holds no data position (saved without a data '
+                   'stream, e.g. by longjax.convert): training data starts from its beginning.',
+                   step)
+      return False
     saved = (self._manager.metadata(step).custom_metadata or {}).get('process_count')
     if saved is not None and saved != jax.process_count():
       logging.warning('The data position at step %d was saved by %d processes and this run '

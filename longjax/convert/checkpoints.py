@@ -1,0 +1,220 @@
+"""HF folders <-> longjax parameters <-> run workdirs.
+
+`import_hf(hf_dir)` gives the model block and the parameters of a HF decoder,
+every longjax parameter assigned exactly once from a tensor of the right shape
+and every tensor of the folder used (a tensor left over, missing or of
+another shape is an error naming it). `write_run` makes a workdir of them — a
+checkpoint at step 0 (the parameters and a fresh optimizer state) and its
+config.json — which `python -m longjax.main --workdir=...` evaluates, decodes
+or fine-tunes like any run. `read_run` and `export_hf` go back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import numpy as np
+
+from longjax.convert import architectures, hf_files
+from longjax.convert.hf_files import HFFormatError
+
+# Tensors some checkpoints carry that are not parameters (RoPE tables, older
+# transformers), recomputed from the config.
+_NOT_PARAMETERS = ('.rotary_emb.inv_freq',)
+
+
+def _flat(tree, prefix=()) -> dict:
+  if isinstance(tree, Mapping):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flat(value, prefix + (key,)))
+    return out
+  return {prefix: tree}
+
+
+def _key(path) -> tuple:
+  """A param path with list indices as ints (nnx pure dicts may key them either way)."""
+  return tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in path)
+
+
+def param_shapes(model) -> dict:
+  """{path: shape} of every parameter of the longjax model (a ModelConfig)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from longjax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  _, params = state_lib.abstract_model(model)
+  return {_key(path): tuple(v.shape) for path, v in _flat(nnx.to_pure_dict(params)).items()}
+
+
+def import_hf(hf_dir: str) -> tuple[dict, dict]:
+  """(longjax model block, {param path: float32 array}) of a HF decoder folder."""
+  from longjax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  hf_config = hf_files.read_config(hf_dir)
+  block = architectures.model_block(hf_config)
+  model = ModelConfig.from_config(dict(block, dtype='float32', param_dtype='float32'))
+  reader = hf_files.TensorReader(hf_dir)
+  shapes = param_shapes(model)
+  params = {}
+  for tensor in architectures.decoder_tensors(model):
+    expected = shapes.get(tensor.path)
+    if expected is None or tensor.path in params:
+      raise AssertionError(f'the {hf_config["architectures"][0]} map assigns {tensor.path} '
+                           'twice or to no parameter')  # a bug of the map, not of the input
+    hf_shape = tensor.to_hf(np.zeros(expected, np.float32)).shape
+    if tensor.hf in reader and reader.shape(tensor.hf) != hf_shape:
+      raise HFFormatError(f'tensor {tensor.hf}: shape {reader.shape(tensor.hf)}, but config.json '
+                          f'makes it {hf_shape} (longjax {"/".join(map(str, tensor.path))} '
+                          f'{expected}).')
+    params[tensor.path] = tensor.to_longjax(np.asarray(reader.get(tensor.hf), np.float32))
+  unassigned = sorted('/'.join(map(str, p)) for p in shapes if p not in params)
+  if unassigned:
+    raise AssertionError(f'parameters no tensor maps to: {unassigned}')
+  if model.tie_embeddings and 'lm_head.weight' in reader:
+    # save_pretrained may keep the tied head; it must be the embedding.
+    if not np.array_equal(reader.get('lm_head.weight'), reader.get('model.embed_tokens.weight')):
+      raise HFFormatError('config.json says tie_word_embeddings, but lm_head.weight differs '
+                          'from model.embed_tokens.weight; set tie_word_embeddings to false.')
+  left = [n for n in reader.names() if n not in reader.taken and not n.endswith(_NOT_PARAMETERS)]
+  if left:
+    raise HFFormatError(f'{len(left)} tensor(s) of the checkpoint have no place in a '
+                        f'{hf_config["architectures"][0]} as longjax reads it: '
+                        f'{", ".join(left[:6])}{" ..." if len(left) > 6 else ""}.')
+  return block, params
+
+
+def export_hf(model, params: Mapping, hf_dir: str, architecture_name: str = '') -> dict:
+  """Writes config.json and model.safetensors of a longjax LM (model: ModelConfig,
+  params: the nested parameter dict); returns the config written."""
+  flat = {_key(p): np.asarray(v, np.float32) for p, v in _flat(params).items()}
+  config = architectures.hf_config(model, architecture_name)
+  tensors = {t.hf: t.to_hf(flat[t.path]) for t in architectures.decoder_tensors(model)}
+  if model.tie_embeddings and model.scale_tied_logits:
+    # x E^T / sqrt(d) is a separate head E / sqrt(d) in HF's terms (untied).
+    table = flat[('embedder', 'token', 'table')]
+    tensors['lm_head.weight'] = (table / np.float32(math.sqrt(model.emb_dim))).astype(np.float32)
+  hf_files.write(hf_dir, config, tensors)
+  return config
+
+
+# Run workdirs ---------------------------------------------------------------------------
+
+
+def _set_leaves(tree, values: Mapping, shardings):
+  """`tree` (a nested dict) with every leaf replaced by values[path], placed as `shardings`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if isinstance(tree, Mapping):
+    return {k: _set_leaves(v, {p[1:]: x for p, x in values.items() if p[0] == _key((k,))[0]},
+                           shardings[k]) for k, v in tree.items()}
+  (value,) = values.values()
+  return jax.device_put(np.asarray(value, tree.dtype), shardings)
+
+
+def workdir_in_use(workdir: str):
+  """Why an import may not write into `workdir` (None: it may): it holds a run."""
+  import os  # pylint: disable=g-import-not-at-top
+  from longjax.train import run_identity, setup  # pylint: disable=g-import-not-at-top
+  for name in (setup.CHECKPOINTS, run_identity.CONFIG_FILE):
+    if os.path.exists(os.path.join(workdir, name)):
+      return f'already holds a run ({name}); import into a new --workdir.'
+  return None
+
+
+def write_run(config, workdir: str, params: Mapping) -> int:
+  """A workdir holding `params` as step 0 of the run `config` describes (a ConfigDict
+  whose model block is the imported one); returns the parameter count."""
+  from longjax.train import run_identity, setup  # pylint: disable=g-import-not-at-top
+  run = setup.build_run(config, workdir)
+  vocab = run.config.model.vocab_size
+  expected = params[('embedder', 'token', 'table')].shape[0]
+  if vocab != expected:
+    raise HFFormatError(
+        f'the task\'s tokenizer ({config.tokenizer.kind}) has {vocab} tokens, the checkpoint '
+        f'{expected}: the embedding rows would stand for other tokens. Use a task config '
+        'whose tokenizer is the model\'s (tokenizer.kind / tokenizer.spm_model_path).')
+  with run.checkpointer() as c:
+    state = run.fresh_state()
+    state = dataclasses.replace(state, params=_set_leaves(state.params, params,
+                                                          run.shardings.params))
+    c.save(0, state)
+    c.wait()
+  run_identity.record_start(config, run.workdir, step=0, resume=None)
+  return sum(int(np.prod(v.shape)) for v in params.values())
+
+
+def read_run(config, workdir: str):
+  """(ModelConfig, nested params as numpy) of a run's latest checkpoint; config: the
+  command's config, checked against the run's as --mode=eval checks it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from longjax.train import run_identity, setup  # pylint: disable=g-import-not-at-top
+  config = run_identity.evaluation_config(config, workdir, mode='export')
+  run = setup.build_run(config, workdir)
+  _, state = run.restore_latest()
+  return run.config.model, jax.tree.map(np.asarray, state.params)
+
+
+# The run's own config file ---------------------------------------------------------------
+
+IMPORTED = 'imported.json'  # the task config, its overrides and the checkpoint's model block
+CONFIG_FILE = 'imported_config.py'
+_CONFIG_SOURCE = '''"""The config of the run in this directory, imported by longjax.convert: the task
+config and overrides it was imported with, and the checkpoint's architecture
+(imported.json beside this file). Pass it to longjax.main with --workdir set here."""
+import os
+
+from longjax.convert import checkpoints
+
+
+def get_config(arg=''):
+  return checkpoints.imported_config(os.path.dirname(os.path.abspath(__file__)), arg)
+'''
+
+
+def load_config_file(spec: str, overrides=()):
+  """The locked ConfigDict longjax.main builds from --config=spec --config.<o>..."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = ['convert', f'--config={spec}'] + [f'--config.{o}' for o in overrides]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file('config', None, 'the task config', flag_values=values,
+                                           lock_config=True, sys_argv=argv)
+  values(argv)
+  return holder.value
+
+
+def with_model(config, block: Mapping):
+  """config with its model block's architecture fields replaced by `block`'s."""
+  for key, value in block.items():
+    if key == 'attention':
+      for name, setting in value.items():
+        config.model.attention[name] = setting
+    else:
+      config.model[key] = value
+  return config
+
+
+def write_config_file(workdir: str, spec: str, overrides, block: Mapping) -> str:
+  """workdir/imported_config.py (and imported.json): the run's config, for longjax.main."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path, colon, arg = spec.partition(':')
+  record = dict(task=os.path.abspath(path) + colon + arg, overrides=list(overrides),
+                model=dict(block))
+  with open(os.path.join(workdir, IMPORTED), 'w') as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    f.write(_CONFIG_SOURCE)
+  return os.path.join(workdir, CONFIG_FILE)
+
+
+def imported_config(workdir: str, arg: str = ''):
+  """The config an import recorded in workdir (`arg` must be empty: the task's was kept)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  if arg:
+    raise ValueError(f'{CONFIG_FILE} takes no argument (the task config\'s was recorded); '
+                     f'got {arg!r}. Override fields with --config.FIELD=VALUE.')
+  with open(os.path.join(workdir, IMPORTED)) as f:
+    record = json.load(f)
+  config = load_config_file(record['task'], record['overrides'])
+  with config.unlocked():
+    return with_model(config, record['model'])

@@ -1,0 +1,53 @@
+"""`python -m longjax.convert` end to end: import, evaluate, fine-tune, export, in subprocesses."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip('torch')
+
+from longjax.convert import hf_files  # pylint: disable=g-import-not-at-top
+from tests.convert.test_hf_parity import save_reference  # pylint: disable=g-import-not-at-top
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', LONGJAX_HUGEPAGES='0')
+  result = subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+  return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_import_evaluate_finetune_export(tmp_path):
+  hf, run, out = (str(tmp_path / name) for name in ('hf', 'run', 'out'))
+  save_reference('llama', hf)  # vocab 259: the byte tokenizer's
+  code, log = _run('longjax.convert', f'--hf_dir={hf}', f'--workdir={run}',
+                   '--config=configs/pretrain.py:tiny', '--config.model.dtype=float32')
+  assert code == 0, log
+  config = os.path.join(run, 'imported_config.py')
+  assert f'--config={config}' in log
+  code, log = _run('longjax.main', f'--config={config}', f'--workdir={run}', '--mode=eval')
+  assert code == 0 and 'eval done | step 0' in log, log
+  code, log = _run('longjax.main', f'--config={config}', f'--workdir={run}',
+                   '--config.num_train_steps=2', '--config.log_every_steps=1')
+  assert code == 0 and 'train done | steps 0->2 of 2' in log, log
+  # The export of step 2 has the original's names and shapes, and changed weights.
+  code, log = _run('longjax.convert', f'--workdir={run}', f'--to_hf={out}', f'--config={config}')
+  assert code == 0, log
+  original, tuned = hf_files.TensorReader(hf), hf_files.TensorReader(out)
+  assert original.names() == tuned.names()
+  assert all(original.shape(n) == tuned.shape(n) for n in original.names())
+  assert not np.array_equal(original.get('model.layers.0.self_attn.q_proj.weight'),
+                            tuned.get('model.layers.0.self_attn.q_proj.weight'))
+  # A second import into the same workdir is refused; a mismatched tokenizer too.
+  code, log = _run('longjax.convert', f'--hf_dir={hf}', f'--workdir={run}',
+                   '--config=configs/pretrain.py:tiny')
+  assert code == 1 and 'already holds a run' in log, log
+  code, log = _run('longjax.convert', f'--hf_dir={hf}', f'--workdir={tmp_path / "spm"}',
+                   '--config=configs/pretrain.py:tiny', '--config.tokenizer.kind=sentencepiece',
+                   '--config.tokenizer.spm_vocab_size=512')
+  assert code == 1 and 'has 512 tokens, the checkpoint 259' in log, log

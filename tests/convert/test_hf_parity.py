@@ -1,0 +1,133 @@
+"""Imported HF decoders compute what transformers computes; export round-trips bitwise.
+
+The reference is transformers' own PyTorch forward pass (4.57.6, fp32): a tiny
+random model is built by its class, saved with `save_pretrained` (the real
+on-disk format: config.json + model.safetensors with PyTorch names and
+[out, in] weights), imported by `longjax.convert`, and both are run on the
+same random tokens. Needs torch (the `convert` test extra); skipped without it.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+from flax import nnx  # pylint: disable=g-import-not-at-top
+
+from longjax import models  # pylint: disable=g-import-not-at-top
+from longjax.convert import checkpoints, hf_files  # pylint: disable=g-import-not-at-top
+from longjax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+
+TINY = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5, rope_theta=5000.0)
+
+CASES = {
+    'llama': ('LlamaConfig', 'LlamaForCausalLM', dict(tie_word_embeddings=False)),
+    'llama_tied': ('LlamaConfig', 'LlamaForCausalLM', dict(tie_word_embeddings=True)),
+    'llama3_scaled': ('LlamaConfig', 'LlamaForCausalLM', dict(
+        tie_word_embeddings=False, rope_scaling=dict(
+            rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=64))),
+    'llama_linear': ('LlamaConfig', 'LlamaForCausalLM', dict(
+        tie_word_embeddings=False, rope_scaling=dict(rope_type='linear', factor=4.0))),
+    'mistral_window': ('MistralConfig', 'MistralForCausalLM', dict(
+        sliding_window=8, tie_word_embeddings=False)),
+    'qwen2': ('Qwen2Config', 'Qwen2ForCausalLM', dict(tie_word_embeddings=True)),
+}
+
+
+def save_reference(case: str, directory: str):
+  config_class, model_class, extra = CASES[case]
+  config = getattr(transformers, config_class)(**TINY, **extra)
+  if case == 'mistral_window':
+    config._attn_implementation = 'eager'  # pylint: disable=protected-access
+  torch.manual_seed(0)
+  model = getattr(transformers, model_class)(config).eval()
+  with torch.no_grad():  # random norm scales and biases, so a mix-up cannot hide
+    for name, parameter in model.named_parameters():
+      if name.endswith('norm.weight') or name.endswith('.bias'):
+        parameter.copy_(1.0 + 0.3 * torch.randn_like(parameter) if 'norm' in name
+                        else 0.3 * torch.randn_like(parameter))
+  model.save_pretrained(directory)
+  return model
+
+
+def longjax_logits(block, params, tokens):
+  config = ModelConfig.from_config(dict(block, dtype='float32', param_dtype='float32'))
+  model = nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(0)))
+  graph, state = nnx.split(model, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+
+  def fill(tree, prefix=()):
+    return {k: fill(v, prefix + (k,)) if isinstance(v, dict) else
+            params[checkpoints._key(prefix + (k,))] for k, v in tree.items()}  # pylint: disable=protected-access
+
+  nnx.replace_by_pure_dict(state, fill(pure))
+  logits, _ = nnx.merge(graph, state)(np.asarray(tokens, np.int32))
+  return np.asarray(logits)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_imported_logits_equal_transformers(tmp_path, case):
+  reference = save_reference(case, str(tmp_path / 'hf'))
+  block, params = checkpoints.import_hf(str(tmp_path / 'hf'))
+  # Long enough that the scaled RoPE, the sliding window (8) and GQA all matter.
+  tokens = np.random.default_rng(1).integers(0, TINY['vocab_size'], size=(2, 96))
+  with torch.no_grad():
+    expected = reference(torch.tensor(tokens)).logits.numpy()
+  got = longjax_logits(block, params, tokens)
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('case', ['llama', 'mistral_window', 'qwen2'])
+def test_export_round_trips_bitwise(tmp_path, case):
+  save_reference(case, str(tmp_path / 'hf'))
+  block, params = checkpoints.import_hf(str(tmp_path / 'hf'))
+  model = ModelConfig.from_config(block)
+  nested = {}
+  for path, value in params.items():
+    node = nested
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  checkpoints.export_hf(model, nested, str(tmp_path / 'out'))
+  original = hf_files.TensorReader(str(tmp_path / 'hf'))
+  exported = hf_files.TensorReader(str(tmp_path / 'out'))
+  names = [n for n in original.names() if not (model.tie_embeddings and n == 'lm_head.weight')]
+  assert exported.names() == names
+  for name in names:
+    a, b = original.get(name), exported.get(name)
+    assert a.dtype == b.dtype and np.array_equal(a, b), name
+  # transformers loads the export and computes the same logits as the original.
+  with open(tmp_path / 'out' / 'config.json') as f:
+    assert json.load(f)['architectures'] == [CASES[case][1]]
+  reloaded = getattr(transformers, CASES[case][1]).from_pretrained(str(tmp_path / 'out')).eval()
+  first = getattr(transformers, CASES[case][1]).from_pretrained(str(tmp_path / 'hf')).eval()
+  tokens = torch.tensor(np.random.default_rng(2).integers(0, TINY['vocab_size'], size=(1, 40)))
+  with torch.no_grad():
+    np.testing.assert_array_equal(reloaded(tokens).logits.numpy(), first(tokens).logits.numpy())
+
+
+def test_bad_checkpoints_fail_naming_the_key(tmp_path):
+  save_reference('llama', str(tmp_path / 'hf'))
+  config_path = tmp_path / 'hf' / 'config.json'
+  config = json.loads(config_path.read_text())
+  config_path.write_text(json.dumps(dict(config, hidden_act='gelu')))
+  with pytest.raises(hf_files.HFFormatError, match="hidden_act='gelu' is not supported"):
+    checkpoints.import_hf(str(tmp_path / 'hf'))
+  config_path.write_text(json.dumps(dict(config, num_key_value_heads=4)))
+  with pytest.raises(hf_files.HFFormatError, match='self_attn.k_proj.weight: shape'):
+    checkpoints.import_hf(str(tmp_path / 'hf'))
+  config_path.write_text(json.dumps(dict(config, architectures=['GPT2LMHeadModel'])))
+  with pytest.raises(hf_files.HFFormatError, match='longjax imports LlamaForCausalLM'):
+    checkpoints.import_hf(str(tmp_path / 'hf'))
+  config_path.write_text(json.dumps(dict(config, num_hidden_layers=1)))
+  with pytest.raises(hf_files.HFFormatError, match='have no place.*model.layers.1'):
+    checkpoints.import_hf(str(tmp_path / 'hf'))
+  os.remove(tmp_path / 'hf' / 'model.safetensors')
+  with pytest.raises(hf_files.HFFormatError, match='neither model.safetensors'):
+    checkpoints.import_hf(str(tmp_path / 'hf'))
