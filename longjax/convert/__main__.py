@@ -12,7 +12,7 @@ pass to longjax.main (`--config=OUT/imported_config.py`, overrides as usual), so
 every mode runs on it (training fine-tunes from it). The task's tokenizer must have the model's
 vocabulary. Export (`--to_hf`): the latest checkpoint of a run as config.json
 and model.safetensors (Llama, Mistral for local attention, Qwen2 with q/k/v
-biases; `--architecture` chooses). Errors name the file, key or tensor.
+biases, T5 and LongT5 for encoder-decoders; `--architecture` chooses). Errors name the file, key or tensor.
 """
 import sys
 

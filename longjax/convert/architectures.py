@@ -1,4 +1,5 @@
-"""Hugging Face decoder architectures onto longjax's LM, tensor by tensor, both ways.
+"""Hugging Face decoder architectures onto longjax's LM, tensor by tensor, both ways
+(encoder-decoders: t5.py).
 
 Llama 2/3, Mistral and Qwen2 are longjax's `TransformerLM` exactly: pre-norm
 blocks of RMSNorm (HF's `rms_norm_eps` -> `model.norm_eps`), grouped-query
@@ -28,6 +29,8 @@ from longjax.convert.hf_files import HFFormatError
 
 DECODERS = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral',
             'Qwen2ForCausalLM': 'qwen2'}
+ENCODER_DECODERS = {'T5ForConditionalGeneration': 't5',
+                    'LongT5ForConditionalGeneration': 'longt5'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +44,10 @@ class Tensor:
 
 def architecture(hf_config: Mapping) -> str:
   names = hf_config.get('architectures') or []
-  known = [name for name in names if name in DECODERS]
+  known = [name for name in names if name in DECODERS or name in ENCODER_DECODERS]
   if not known:
     raise HFFormatError(f'config.json architectures={names}: longjax imports '
-                        f'{", ".join(DECODERS)}.')
+                        f'{", ".join([*DECODERS, *ENCODER_DECODERS])}.')
   return known[0]
 
 
@@ -73,8 +76,11 @@ def _rope_scaling(hf_config: Mapping) -> dict:
 
 
 def model_block(hf_config: Mapping) -> dict:
-  """The longjax `model` fields of a HF decoder's config.json (its architecture only;
-  compute settings such as dtype and remat are the task config's)."""
+  """The longjax `model` fields of a HF config.json (its architecture only; compute
+  settings such as dtype and remat are the task config's)."""
+  if architecture(hf_config) in ENCODER_DECODERS:
+    from longjax.convert import t5  # pylint: disable=g-import-not-at-top
+    return t5.model_block(hf_config)
   family = DECODERS[architecture(hf_config)]
   _require(hf_config, 'hidden_act', ('silu',), 'the MLP is SwiGLU (silu)')
   _require(hf_config, 'mlp_bias', (False,), 'longjax MLPs have no biases')
@@ -103,21 +109,22 @@ def model_block(hf_config: Mapping) -> dict:
   return block
 
 
-def _same(x):
+def same(x):
   return x
 
 
-def _transpose(x):
+def transpose(x):
   return np.ascontiguousarray(x.T)
 
 
-def _heads_in(heads: int, dim: int):
-  """[heads * dim, in] <-> [in, heads, dim] (q, k, v)."""
-  return (lambda w: np.ascontiguousarray(w.T.reshape(w.shape[1], heads, dim)),
-          lambda w: np.ascontiguousarray(w.reshape(w.shape[0], heads * dim).T))
+def heads_in(heads: int, dim: int, scale: float = 1.0):
+  """[heads * dim, in] <-> [in, heads, dim] (q, k, v), times `scale` into longjax."""
+  scale = np.float32(scale)
+  return (lambda w: np.ascontiguousarray(w.T.reshape(w.shape[1], heads, dim)) * scale,
+          lambda w: np.ascontiguousarray((w / scale).reshape(w.shape[0], heads * dim).T))
 
 
-def _heads_out(heads: int, dim: int):
+def heads_out(heads: int, dim: int):
   """[out, heads * dim] <-> [heads, dim, out] (the output projection)."""
   return (lambda w: np.ascontiguousarray(w.T.reshape(heads, dim, w.shape[0])),
           lambda w: np.ascontiguousarray(w.reshape(heads * dim, w.shape[2]).T))
@@ -127,27 +134,35 @@ def _bias(heads: int, dim: int):
   return (lambda b: b.reshape(heads, dim), lambda b: b.reshape(heads * dim))
 
 
+def tensors(model) -> list[Tensor]:
+  """Every parameter of a longjax model (a ModelConfig) and its HF tensor."""
+  if model.arch == 'encoder_decoder':
+    from longjax.convert import t5  # pylint: disable=g-import-not-at-top
+    return t5.tensors(model)
+  return decoder_tensors(model)
+
+
 def decoder_tensors(model) -> list[Tensor]:
   """Every parameter of a longjax LM (a ModelConfig) and its HF Llama-family tensor."""
   h, hk, d = model.num_heads, model.num_kv_heads, model.head_dim
-  out = [Tensor('model.embed_tokens.weight', ('embedder', 'token', 'table'), _same, _same),
-         Tensor('model.norm.weight', ('decoder', 'final_norm', 'scale'), _same, _same)]
+  out = [Tensor('model.embed_tokens.weight', ('embedder', 'token', 'table'), same, same),
+         Tensor('model.norm.weight', ('decoder', 'final_norm', 'scale'), same, same)]
   if not model.tie_embeddings:
-    out.append(Tensor('lm_head.weight', ('embedder', 'head'), _transpose, _transpose))
+    out.append(Tensor('lm_head.weight', ('embedder', 'head'), transpose, transpose))
   for i in range(model.num_layers):
     hf, block = f'model.layers.{i}.', ('decoder', 'blocks', i)
     att, mlp = block + ('attention',), block + ('mlp',)
     out += [
-        Tensor(hf + 'input_layernorm.weight', block + ('attention_norm', 'scale'), _same, _same),
-        Tensor(hf + 'post_attention_layernorm.weight', block + ('mlp_norm', 'scale'), _same,
-               _same),
-        Tensor(hf + 'self_attn.q_proj.weight', att + ('wq',), *_heads_in(h, d)),
-        Tensor(hf + 'self_attn.k_proj.weight', att + ('wk',), *_heads_in(hk, d)),
-        Tensor(hf + 'self_attn.v_proj.weight', att + ('wv',), *_heads_in(hk, d)),
-        Tensor(hf + 'self_attn.o_proj.weight', att + ('wo',), *_heads_out(h, d)),
-        Tensor(hf + 'mlp.gate_proj.weight', mlp + ('wi_gate',), _transpose, _transpose),
-        Tensor(hf + 'mlp.up_proj.weight', mlp + ('wi_up',), _transpose, _transpose),
-        Tensor(hf + 'mlp.down_proj.weight', mlp + ('wo',), _transpose, _transpose)]
+        Tensor(hf + 'input_layernorm.weight', block + ('attention_norm', 'scale'), same, same),
+        Tensor(hf + 'post_attention_layernorm.weight', block + ('mlp_norm', 'scale'), same,
+               same),
+        Tensor(hf + 'self_attn.q_proj.weight', att + ('wq',), *heads_in(h, d)),
+        Tensor(hf + 'self_attn.k_proj.weight', att + ('wk',), *heads_in(hk, d)),
+        Tensor(hf + 'self_attn.v_proj.weight', att + ('wv',), *heads_in(hk, d)),
+        Tensor(hf + 'self_attn.o_proj.weight', att + ('wo',), *heads_out(h, d)),
+        Tensor(hf + 'mlp.gate_proj.weight', mlp + ('wi_gate',), transpose, transpose),
+        Tensor(hf + 'mlp.up_proj.weight', mlp + ('wi_up',), transpose, transpose),
+        Tensor(hf + 'mlp.down_proj.weight', mlp + ('wo',), transpose, transpose)]
     if model.qkv_bias:
       out += [Tensor(hf + 'self_attn.q_proj.bias', att + ('bq',), *_bias(h, d)),
               Tensor(hf + 'self_attn.k_proj.bias', att + ('bk',), *_bias(hk, d)),
@@ -156,8 +171,11 @@ def decoder_tensors(model) -> list[Tensor]:
 
 
 def hf_config(model, architecture_name: str = '') -> dict:
-  """The config.json of a longjax LM as a HF decoder (export); raises where the model has
-  something the architecture cannot hold."""
+  """The config.json of a longjax model as a HF architecture (export); raises where the
+  model has something the architecture cannot hold."""
+  if model.arch == 'encoder_decoder':
+    from longjax.convert import t5  # pylint: disable=g-import-not-at-top
+    return t5.hf_config(model, architecture_name)
   problems = []
   if model.arch != 'lm':
     problems.append(f"model.arch={model.arch!r} (only 'lm' exports to a HF decoder)")

@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from longjax.convert import architectures, hf_files
+from longjax.convert import architectures, hf_files, t5
 from longjax.convert.hf_files import HFFormatError
 
 # Tensors some checkpoints carry that are not parameters (RoPE tables, older
@@ -55,7 +55,7 @@ def import_hf(hf_dir: str) -> tuple[dict, dict]:
   reader = hf_files.TensorReader(hf_dir)
   shapes = param_shapes(model)
   params = {}
-  for tensor in architectures.decoder_tensors(model):
+  for tensor in architectures.tensors(model):
     expected = shapes.get(tensor.path)
     if expected is None or tensor.path in params:
       raise AssertionError(f'the {hf_config["architectures"][0]} map assigns {tensor.path} '
@@ -69,11 +69,14 @@ def import_hf(hf_dir: str) -> tuple[dict, dict]:
   unassigned = sorted('/'.join(map(str, p)) for p in shapes if p not in params)
   if unassigned:
     raise AssertionError(f'parameters no tensor maps to: {unassigned}')
-  if model.tie_embeddings and 'lm_head.weight' in reader:
-    # save_pretrained may keep the tied head; it must be the embedding.
-    if not np.array_equal(reader.get('lm_head.weight'), reader.get('model.embed_tokens.weight')):
-      raise HFFormatError('config.json says tie_word_embeddings, but lm_head.weight differs '
-                          'from model.embed_tokens.weight; set tie_word_embeddings to false.')
+  embedding = ('shared.weight' if model.arch == 'encoder_decoder'
+               else 'model.embed_tokens.weight')
+  copies = (*t5.ALIASES, *(['lm_head.weight'] if model.tie_embeddings else []))
+  for name in [n for n in copies if n in reader]:
+    # save_pretrained may keep tied copies of the embedding; they must be it.
+    if not np.array_equal(reader.get(name), reader.get(embedding)):
+      raise HFFormatError(f'{name} differs from {embedding}, which config.json ties it to '
+                          '(tie_word_embeddings).')
   left = [n for n in reader.names() if n not in reader.taken and not n.endswith(_NOT_PARAMETERS)]
   if left:
     raise HFFormatError(f'{len(left)} tensor(s) of the checkpoint have no place in a '
@@ -87,8 +90,8 @@ def export_hf(model, params: Mapping, hf_dir: str, architecture_name: str = '') 
   params: the nested parameter dict); returns the config written."""
   flat = {_key(p): np.asarray(v, np.float32) for p, v in _flat(params).items()}
   config = architectures.hf_config(model, architecture_name)
-  tensors = {t.hf: t.to_hf(flat[t.path]) for t in architectures.decoder_tensors(model)}
-  if model.tie_embeddings and model.scale_tied_logits:
+  tensors = {t.hf: t.to_hf(flat[t.path]) for t in architectures.tensors(model)}
+  if model.arch == 'lm' and model.tie_embeddings and model.scale_tied_logits:
     # x E^T / sqrt(d) is a separate head E / sqrt(d) in HF's terms (untied).
     table = flat[('embedder', 'token', 'table')]
     tensors['lm_head.weight'] = (table / np.float32(math.sqrt(model.emb_dim))).astype(np.float32)

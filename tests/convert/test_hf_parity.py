@@ -131,3 +131,85 @@ def test_bad_checkpoints_fail_naming_the_key(tmp_path):
   os.remove(tmp_path / 'hf' / 'model.safetensors')
   with pytest.raises(hf_files.HFFormatError, match='neither model.safetensors'):
     checkpoints.import_hf(str(tmp_path / 'hf'))
+
+
+def test_sharded_checkpoints_import_the_same(tmp_path):
+  reference = save_reference('llama', str(tmp_path / 'hf'))
+  reference.save_pretrained(str(tmp_path / 'sharded'), max_shard_size='100KB')
+  shards = [n for n in os.listdir(tmp_path / 'sharded') if n.endswith('.safetensors')]
+  assert len(shards) > 2 and os.path.exists(tmp_path / 'sharded' / hf_files.INDEX)
+  _, whole = checkpoints.import_hf(str(tmp_path / 'hf'))
+  _, sharded = checkpoints.import_hf(str(tmp_path / 'sharded'))
+  assert whole.keys() == sharded.keys()
+  assert all(np.array_equal(whole[k], sharded[k]) for k in whole)
+  os.remove(tmp_path / 'sharded' / shards[0])
+  with pytest.raises(hf_files.HFFormatError, match=f'shard {shards[0]} is listed but missing'):
+    checkpoints.import_hf(str(tmp_path / 'sharded'))
+
+
+T5_TINY = dict(vocab_size=259, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2,
+               num_heads=4, relative_attention_num_buckets=16, relative_attention_max_distance=32,
+               dropout_rate=0.0, layer_norm_epsilon=1e-6)
+T5_CASES = {
+    't5_v1_1': ('T5Config', 'T5ForConditionalGeneration',
+                dict(feed_forward_proj='gated-gelu', tie_word_embeddings=False)),
+    't5_v1_0_tied': ('T5Config', 'T5ForConditionalGeneration',
+                     dict(feed_forward_proj='relu', tie_word_embeddings=True)),
+    'longt5_local': ('LongT5Config', 'LongT5ForConditionalGeneration', dict(
+        feed_forward_proj='gated-gelu', tie_word_embeddings=False,
+        encoder_attention_type='local', local_radius=5)),
+    'longt5_tglobal': ('LongT5Config', 'LongT5ForConditionalGeneration', dict(
+        feed_forward_proj='gated-gelu', tie_word_embeddings=False,
+        encoder_attention_type='transient-global', local_radius=5, global_block_size=8)),
+}
+
+
+def save_t5_reference(case, directory):
+  config_class, model_class, extra = T5_CASES[case]
+  config = getattr(transformers, config_class)(**T5_TINY, **extra)
+  torch.manual_seed(0)
+  model = getattr(transformers, model_class)(config).eval()
+  with torch.no_grad():
+    for name, parameter in model.named_parameters():
+      if 'norm' in name:
+        parameter.copy_(1.0 + 0.3 * torch.randn_like(parameter))
+  model.save_pretrained(directory)
+  return model
+
+
+@pytest.mark.parametrize('case', list(T5_CASES))
+def test_imported_encoder_decoders_equal_transformers(tmp_path, case):
+  reference = save_t5_reference(case, str(tmp_path / 'hf'))
+  block, params = checkpoints.import_hf(str(tmp_path / 'hf'))
+  rng = np.random.default_rng(3)
+  # Sources past several local windows and global blocks, with an orphan block (45 % 8).
+  source = rng.integers(2, T5_TINY['vocab_size'], size=(2, 45))
+  target = rng.integers(2, T5_TINY['vocab_size'], size=(2, 13))
+  with torch.no_grad():
+    expected = reference(input_ids=torch.tensor(source),
+                         decoder_input_ids=torch.tensor(target)).logits.numpy()
+  config = ModelConfig.from_config(dict(block, dtype='float32', param_dtype='float32'))
+  model = nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(0)))
+  graph, state = nnx.split(model, nnx.Param)
+
+  def fill(tree, prefix=()):
+    return {k: fill(v, prefix + (k,)) if isinstance(v, dict) else
+            params[checkpoints._key(prefix + (k,))] for k, v in tree.items()}  # pylint: disable=protected-access
+
+  nnx.replace_by_pure_dict(state, fill(nnx.to_pure_dict(state)))
+  logits, _ = nnx.merge(graph, state)(np.asarray(source, np.int32), np.asarray(target, np.int32))
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
+  # And back: the same tensors bit for bit (d_kv = 16: the query's sqrt(d_kv) = 4 is exact).
+  nested = {}
+  for path, value in params.items():
+    node = nested
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  checkpoints.export_hf(ModelConfig.from_config(block), nested, str(tmp_path / 'out'))
+  original = hf_files.TensorReader(str(tmp_path / 'hf'))
+  exported = hf_files.TensorReader(str(tmp_path / 'out'))
+  for name in exported.names():
+    assert np.array_equal(original.get(name), exported.get(name)), name
+  assert set(original.names()) - set(exported.names()) <= {
+      'encoder.embed_tokens.weight', 'decoder.embed_tokens.weight', 'lm_head.weight'}
