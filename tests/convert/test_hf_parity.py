@@ -56,18 +56,33 @@ def save_reference(case: str, directory: str):
   return model
 
 
-def longjax_logits(block, params, tokens):
+def longjax_model(block, params):
+  """The longjax model of an imported block, holding the imported parameters."""
   config = ModelConfig.from_config(dict(block, dtype='float32', param_dtype='float32'))
   model = nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(0)))
   graph, state = nnx.split(model, nnx.Param)
-  pure = nnx.to_pure_dict(state)
 
   def fill(tree, prefix=()):
     return {k: fill(v, prefix + (k,)) if isinstance(v, dict) else
             params[checkpoints._key(prefix + (k,))] for k, v in tree.items()}  # pylint: disable=protected-access
 
-  nnx.replace_by_pure_dict(state, fill(pure))
-  logits, _ = nnx.merge(graph, state)(np.asarray(tokens, np.int32))
+  nnx.replace_by_pure_dict(state, fill(nnx.to_pure_dict(state)))
+  return nnx.merge(graph, state)
+
+
+def nested(params):
+  """{path: array} -> the nested parameter dict a run's state holds."""
+  tree = {}
+  for path, value in params.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def longjax_logits(block, params, tokens):
+  logits, _ = longjax_model(block, params)(np.asarray(tokens, np.int32))
   return np.asarray(logits)
 
 
@@ -88,13 +103,7 @@ def test_export_round_trips_bitwise(tmp_path, case):
   save_reference(case, str(tmp_path / 'hf'))
   block, params = checkpoints.import_hf(str(tmp_path / 'hf'))
   model = ModelConfig.from_config(block)
-  nested = {}
-  for path, value in params.items():
-    node = nested
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  checkpoints.export_hf(model, nested, str(tmp_path / 'out'))
+  checkpoints.export_hf(model, nested(params), str(tmp_path / 'out'))
   original = hf_files.TensorReader(str(tmp_path / 'hf'))
   exported = hf_files.TensorReader(str(tmp_path / 'out'))
   names = [n for n in original.names() if not (model.tie_embeddings and n == 'lm_head.weight')]
@@ -188,25 +197,11 @@ def test_imported_encoder_decoders_equal_transformers(tmp_path, case):
   with torch.no_grad():
     expected = reference(input_ids=torch.tensor(source),
                          decoder_input_ids=torch.tensor(target)).logits.numpy()
-  config = ModelConfig.from_config(dict(block, dtype='float32', param_dtype='float32'))
-  model = nnx.eval_shape(lambda: models.build(config, rngs=nnx.Rngs(0)))
-  graph, state = nnx.split(model, nnx.Param)
-
-  def fill(tree, prefix=()):
-    return {k: fill(v, prefix + (k,)) if isinstance(v, dict) else
-            params[checkpoints._key(prefix + (k,))] for k, v in tree.items()}  # pylint: disable=protected-access
-
-  nnx.replace_by_pure_dict(state, fill(nnx.to_pure_dict(state)))
-  logits, _ = nnx.merge(graph, state)(np.asarray(source, np.int32), np.asarray(target, np.int32))
+  logits, _ = longjax_model(block, params)(np.asarray(source, np.int32),
+                                           np.asarray(target, np.int32))
   np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
   # And back: the same tensors bit for bit (d_kv = 16: the query's sqrt(d_kv) = 4 is exact).
-  nested = {}
-  for path, value in params.items():
-    node = nested
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  checkpoints.export_hf(ModelConfig.from_config(block), nested, str(tmp_path / 'out'))
+  checkpoints.export_hf(ModelConfig.from_config(block), nested(params), str(tmp_path / 'out'))
   original = hf_files.TensorReader(str(tmp_path / 'hf'))
   exported = hf_files.TensorReader(str(tmp_path / 'out'))
   for name in exported.names():
