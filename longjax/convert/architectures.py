@@ -71,8 +71,22 @@ def _rope_scaling(hf_config: Mapping) -> dict:
                 rope_low_freq_factor=float(scaling['low_freq_factor']),
                 rope_high_freq_factor=float(scaling['high_freq_factor']),
                 rope_original_max_len=int(scaling['original_max_position_embeddings']))
+  if kind == 'yarn':
+    for key in ('mscale', 'mscale_all_dim'):
+      if scaling.get(key):
+        raise HFFormatError(f'config.json rope_scaling.{key} is not supported (longjax\'s YaRN '
+                            'takes attention_factor, or 0.1 ln(factor) + 1).')
+    if scaling.get('truncate', True) is not True:
+      raise HFFormatError('config.json rope_scaling.truncate=false is not supported.')
+    original = scaling.get('original_max_position_embeddings') or hf_config.get(
+        'max_position_embeddings', 2048)
+    return dict(rope_scaling='yarn', rope_scaling_factor=float(scaling['factor']),
+                rope_original_max_len=int(original),
+                rope_beta_fast=float(scaling.get('beta_fast') or 32.0),
+                rope_beta_slow=float(scaling.get('beta_slow') or 1.0),
+                rope_attention_factor=float(scaling.get('attention_factor') or -1.0))
   raise HFFormatError(f'config.json rope_scaling.rope_type={kind!r} is not supported (longjax '
-                      'has none, linear and llama3; dynamic NTK and YaRN are not written yet).')
+                      'has none, linear, llama3 and yarn; dynamic NTK is not written yet).')
 
 
 def model_block(hf_config: Mapping) -> dict:
@@ -222,6 +236,12 @@ def _hf_rope_scaling(model):
     return None
   if model.rope_scaling == 'linear':
     return dict(rope_type='linear', factor=model.rope_scaling_factor)
+  if model.rope_scaling == 'yarn':
+    return dict(rope_type='yarn', factor=model.rope_scaling_factor,
+                original_max_position_embeddings=model.rope_original_max_len,
+                beta_fast=model.rope_beta_fast, beta_slow=model.rope_beta_slow,
+                **({'attention_factor': model.rope_attention_factor}
+                   if model.rope_attention_factor > 0 else {}))
   return dict(rope_type='llama3', factor=model.rope_scaling_factor,
               low_freq_factor=model.rope_low_freq_factor,
               high_freq_factor=model.rope_high_freq_factor,

@@ -57,7 +57,8 @@ class _Projections(nnx.Module):
     return layers.rope_frequencies(
         c.head_dim, c.rope_max_wavelength, scaling=c.rope_scaling, factor=c.rope_scaling_factor,
         low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor,
-        original_max_len=c.rope_original_max_len)
+        original_max_len=c.rope_original_max_len, beta_fast=c.rope_beta_fast,
+        beta_slow=c.rope_beta_slow)
 
   def _project(self, x, w, bias: str):
     """x [b, l, e] @ w [e, heads, d] (+ the projection's bias, model.qkv_bias)."""
@@ -130,6 +131,11 @@ class SelfAttention(_Projections):
       inv_freq = self.rope_frequencies()
       q = layers.apply_rope(q, positions, inv_freq)
       k = layers.apply_rope(k, positions, inv_freq)
+      c = self.config
+      temperature = layers.rope_attention_factor(c.rope_scaling, c.rope_scaling_factor,
+                                                 c.rope_attention_factor)
+      if temperature != 1.0:  # YaRN: both rotated by its factor, as HF scales cos and sin
+        q, k = (x * jnp.asarray(temperature, x.dtype) for x in (q, k))
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'kv'))
     k = sharding.constrain(k, ('batch', 'length', 'kv_heads', 'kv'))
     v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'kv'))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from longjax import attention
 
 POSITIONS = ('rope', 't5_bias', 'learned')
-ROPE_SCALINGS = ('none', 'linear', 'llama3')
+ROPE_SCALINGS = ('none', 'linear', 'llama3', 'yarn')
 # model.tile_tokens = -1: the default tiling. Untiled, the MLP's hidden
 # activations (3 x mlp_dim per token) and the fp32 logits are among the
 # largest arrays of a long step; 4k-token tiles bound them at a few MB
@@ -86,12 +86,16 @@ class ModelConfig:
   rope_max_wavelength: float = 10_000.0  # RoPE base.
   # RoPE frequency scaling for context extension (layers.rope_frequencies):
   # 'none'; 'linear' (position interpolation, Chen et al. 2023: positions / factor);
-  # 'llama3' (Llama 3.1: long wavelengths / factor, short kept, a smooth band between).
+  # 'llama3' (Llama 3.1: long wavelengths / factor, short kept, a smooth band between);
+  # 'yarn' (Peng et al. 2023: interpolation ramped over dimensions, attention temperature).
   rope_scaling: str = 'none'
-  rope_scaling_factor: float = 1.0  # 'linear', 'llama3': the context extension factor.
+  rope_scaling_factor: float = 1.0  # 'linear', 'llama3', 'yarn': the context extension factor.
   rope_low_freq_factor: float = 1.0  # 'llama3': wavelengths beyond original_max_len / this are scaled.
   rope_high_freq_factor: float = 4.0  # 'llama3': wavelengths below original_max_len / this are kept.
-  rope_original_max_len: int = 8192  # 'llama3': the pretrained context length.
+  rope_original_max_len: int = 8192  # 'llama3', 'yarn': the pretrained context length.
+  rope_beta_fast: float = 32.0  # 'yarn': rotations below which dimensions are interpolated.
+  rope_beta_slow: float = 1.0  # 'yarn': rotations above which dimensions are kept.
+  rope_attention_factor: float = -1.0  # 'yarn': q and k multiplier; -1 = 0.1 ln(factor) + 1.
   norm_eps: float = 1e-6  # RMSNorm epsilon (HF's rms_norm_eps).
   # Divide the tied readout by sqrt(emb_dim) (T5, and longjax's unit-variance
   # embeddings); False: plain x E^T, as Llama / Qwen2 checkpoints with tied embeddings.

@@ -149,7 +149,8 @@ class MLP(nnx.Module):
 
 def rope_frequencies(head_dim: int, max_wavelength: float, *, scaling: str = 'none',
                      factor: float = 1.0, low_freq_factor: float = 1.0,
-                     high_freq_factor: float = 4.0, original_max_len: int = 8192) -> np.ndarray:
+                     high_freq_factor: float = 4.0, original_max_len: int = 8192,
+                     beta_fast: float = 32.0, beta_slow: float = 1.0) -> np.ndarray:
   """float32 [head_dim / 2]: RoPE's angular frequency of each feature pair.
 
   theta_i = max_wavelength^(-2i/d) (Su et al. 2021), then, for a context extended
@@ -160,7 +161,13 @@ def rope_frequencies(head_dim: int, max_wavelength: float, *, scaling: str = 'no
       wavelengths 2 pi / theta_i longer than original_max_len / low_freq_factor are
       divided by factor, those shorter than original_max_len / high_freq_factor
       kept, and the band between interpolated with s = (original_max_len /
-      wavelength - low) / (high - low): theta (1 - s) / factor + theta s.
+      wavelength - low) / (high - low): theta (1 - s) / factor + theta s;
+    * 'yarn' (Peng et al. 2023, "YaRN", eq. 18-20, as transformers'
+      `_compute_yarn_parameters` with truncate): dimension i keeps theta_i where
+      it turns more than beta_fast times over original_max_len, takes theta_i /
+      factor where it turns fewer than beta_slow times, and a linear ramp over the
+      (floored / ceiled) dimension range between; its attention temperature is
+      `rope_attention_factor`.
   """
   inv_freq = (1.0 / max_wavelength ** (np.arange(0, head_dim, 2, dtype=np.float32)
                                        / np.float32(head_dim))).astype(np.float32)
@@ -168,8 +175,21 @@ def rope_frequencies(head_dim: int, max_wavelength: float, *, scaling: str = 'no
     return inv_freq
   if scaling == 'linear':
     return (inv_freq / factor).astype(np.float32)
+  if scaling == 'yarn':
+    half = head_dim // 2
+
+    def dimension(rotations):  # the feature index that turns `rotations` times
+      return (head_dim * math.log(original_max_len / (rotations * 2 * math.pi))
+              / (2 * math.log(max_wavelength)))
+
+    low = max(math.floor(dimension(beta_fast)), 0)
+    high = min(math.ceil(dimension(beta_slow)), head_dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = np.clip((np.arange(half, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = (1 - ramp).astype(np.float32)
+    return (inv_freq / factor * (1 - keep) + inv_freq * keep).astype(np.float32)
   if scaling != 'llama3':
-    raise ValueError(f'rope scaling {scaling!r} is not one of none, linear, llama3.')
+    raise ValueError(f'rope scaling {scaling!r} is not one of none, linear, llama3, yarn.')
   wavelength = 2 * np.pi / inv_freq
   long = wavelength > original_max_len / low_freq_factor
   short = wavelength < original_max_len / high_freq_factor
@@ -177,6 +197,16 @@ def rope_frequencies(head_dim: int, max_wavelength: float, *, scaling: str = 'no
   scaled = np.where(long, inv_freq / factor, inv_freq)
   medium = (1 - smooth) * scaled / factor + smooth * scaled
   return np.where(~short & ~long, medium, scaled).astype(np.float32)
+
+
+def rope_attention_factor(scaling: str, factor: float, attention_factor: float = -1.0) -> float:
+  """What q and k are multiplied by after rotation: YaRN's temperature sqrt(1/t) =
+  0.1 ln(factor) + 1 (Peng et al. 2023, eq. 22; transformers' default) unless given."""
+  if scaling != 'yarn':
+    return 1.0
+  if attention_factor > 0:
+    return float(attention_factor)
+  return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
 def apply_rope(x, positions, inv_freq):

@@ -32,6 +32,9 @@ CASES = {
         tie_word_embeddings=False, rope_scaling=dict(
             rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=64))),
+    'llama_yarn': ('LlamaConfig', 'LlamaForCausalLM', dict(
+        tie_word_embeddings=False, rope_scaling=dict(
+            rope_type='yarn', factor=4.0, original_max_position_embeddings=32))),
     'llama_linear': ('LlamaConfig', 'LlamaForCausalLM', dict(
         tie_word_embeddings=False, rope_scaling=dict(rope_type='linear', factor=4.0))),
     'mistral_window': ('MistralConfig', 'MistralForCausalLM', dict(

@@ -3,7 +3,7 @@ import pytest
 
 
 @pytest.mark.parametrize('overrides, error', [
-    (dict(rope_scaling='yarn'), "model.rope_scaling: 'yarn' is not one of"),
+    (dict(rope_scaling='ntk'), "model.rope_scaling: 'ntk' is not one of"),
     (dict(rope_scaling='linear', rope_scaling_factor=0.5), 'model.rope_scaling_factor: must be >= 1'),
     (dict(rope_scaling='llama3', rope_low_freq_factor=4.0, rope_high_freq_factor=1.0),
      'model.rope_low_freq_factor: llama3 scaling needs'),
