@@ -9,7 +9,9 @@ compute dtype, remat) takes the architecture of HF/config.json
 (longjax/convert/architectures.py), and OUT gets a checkpoint at step 0 with
 the HF weights, its config.json and OUT/imported_config.py, the config file to
 pass to longjax.main (`--config=OUT/imported_config.py`, overrides as usual), so
-every mode runs on it (training fine-tunes from it). The task's tokenizer must have the model's
+every mode runs on it (training fine-tunes from it). `--config.model.attention.*`
+overrides convert the attention (`layer_pattern=local,local,full`, `kind=global_local`:
+its global projections start as copies of the local ones, as Longformer's). The task's tokenizer must have the model's
 vocabulary. Export (`--to_hf`): the latest checkpoint of a run as config.json
 and model.safetensors (Llama, Mistral for local attention, Qwen2 with q/k/v
 biases, T5 and LongT5 for encoder-decoders; `--architecture` chooses). Errors name the file, key or tensor.
@@ -45,9 +47,10 @@ def main(argv):
       if problem:
         raise cli.UserError(f'--workdir={_WORKDIR.value} {problem}')
       block, params = checkpoints.import_hf(_HF_DIR.value)
-      count = checkpoints.write_run(checkpoints.with_model(_CONFIG.value, block), _WORKDIR.value,
-                                    params)
-      config_file = checkpoints.write_config_file(_WORKDIR.value, *_config_given(sys.argv), block)
+      spec, overrides = _config_given(sys.argv)
+      config = checkpoints.with_model(_CONFIG.value, block, overrides)
+      count = checkpoints.write_run(config, _WORKDIR.value, params)
+      config_file = checkpoints.write_config_file(_WORKDIR.value, spec, overrides, block)
       logging.info('Imported %s (%s parameters) into %s as step 0. Evaluate, decode or fine-tune '
                    'it with: python -m longjax.main --config=%s --workdir=%s --mode=eval',
                    _HF_DIR.value, f'{count:,}', _WORKDIR.value, config_file, _WORKDIR.value)

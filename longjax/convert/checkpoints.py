@@ -103,13 +103,45 @@ def export_hf(model, params: Mapping, hf_dir: str, architecture_name: str = '') 
 
 
 def _set_leaves(tree, values: Mapping, shardings):
-  """`tree` (a nested dict) with every leaf replaced by values[path], placed as `shardings`."""
+  """`tree` (a nested dict) with each leaf that `values` has replaced by values[path],
+  placed as `shardings`; the others kept."""
   import jax  # pylint: disable=g-import-not-at-top
   if isinstance(tree, Mapping):
     return {k: _set_leaves(v, {p[1:]: x for p, x in values.items() if p[0] == _key((k,))[0]},
                            shardings[k]) for k, v in tree.items()}
+  if not values:
+    return tree
   (value,) = values.values()
   return jax.device_put(np.asarray(value, tree.dtype), shardings)
+
+
+# Longformer (Beltagy et al. 2020, §3.1, and its convert-to-long script): the global
+# projections start as copies of the local ones.
+_COPIED = {'wq_global': 'wq', 'wk_global': 'wk', 'wv_global': 'wv'}
+
+
+def converted(params: Mapping, model) -> tuple[dict, list[str]]:
+  """The imported parameters for `model` (a ModelConfig whose attention may differ from
+  the checkpoint's: the attention conversion of an import), and the paths left at their
+  fresh initialisation. Kinds with parameters of their own get Longformer's copies of
+  the local projections (global_local) or their initialiser (TGlobal's summary norm:
+  ones; adaptive span's spans: model.attention.span_init)."""
+  shapes = param_shapes(model)
+  out, fresh = {}, []
+  for path, shape in shapes.items():
+    source = path[:-1] + (_COPIED[path[-1]],) if path[-1] in _COPIED else path
+    if source in params:
+      if tuple(params[source].shape) != shape:
+        raise HFFormatError(f'{"/".join(map(str, path))}: the converted model needs {shape}, '
+                            f'the checkpoint gives {tuple(params[source].shape)}.')
+      out[path] = params[source]
+    else:
+      fresh.append('/'.join(map(str, path)))
+  unused = sorted('/'.join(map(str, p)) for p in params if p not in shapes)
+  if unused:
+    raise HFFormatError(f'the converted model has no place for {", ".join(unused[:4])}: change '
+                        'only the attention kinds and their settings at import.')
+  return out, fresh
 
 
 def workdir_in_use(workdir: str):
@@ -134,6 +166,11 @@ def write_run(config, workdir: str, params: Mapping) -> int:
         f'the task\'s tokenizer ({config.tokenizer.kind}) has {vocab} tokens, the checkpoint '
         f'{expected}: the embedding rows would stand for other tokens. Use a task config '
         'whose tokenizer is the model\'s (tokenizer.kind / tokenizer.spm_model_path).')
+  params, fresh = converted(params, run.config.model)
+  if fresh:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.info('Attention conversion: %d parameter(s) the checkpoint lacks start at their '
+                 'initialiser: %s.', len(fresh), ', '.join(fresh[:6]))
   with run.checkpointer() as c:
     state = run.fresh_state()
     state = dataclasses.replace(state, params=_set_leaves(state.params, params,
@@ -184,12 +221,17 @@ def load_config_file(spec: str, overrides=()):
   return holder.value
 
 
-def with_model(config, block: Mapping):
-  """config with its model block's architecture fields replaced by `block`'s."""
+def with_model(config, block: Mapping, overrides=()):
+  """config with its model block's architecture fields replaced by `block`'s, except
+  the attention fields `overrides` ('field=value' strings) set: an attention
+  conversion at import (e.g. model.attention.layer_pattern=local,local,full)."""
+  chosen = {o.split('=', 1)[0][len('model.attention.'):] for o in overrides
+            if o.startswith('model.attention.')}
   for key, value in block.items():
     if key == 'attention':
       for name, setting in value.items():
-        config.model.attention[name] = setting
+        if name not in chosen:
+          config.model.attention[name] = setting
     else:
       config.model[key] = value
   return config
@@ -220,4 +262,4 @@ def imported_config(workdir: str, arg: str = ''):
     record = json.load(f)
   config = load_config_file(record['task'], record['overrides'])
   with config.unlocked():
-    return with_model(config, record['model'])
+    return with_model(config, record['model'], record['overrides'])

@@ -1,4 +1,5 @@
 """`python -m longjax.convert` end to end: import, evaluate, fine-tune, export, in subprocesses."""
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 pytest.importorskip('torch')
 
 from longjax.convert import hf_files  # pylint: disable=g-import-not-at-top
+from longjax.models.config import parse_layer_pattern  # pylint: disable=g-import-not-at-top
 from tests.convert.test_hf_parity import save_reference  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,3 +53,18 @@ def test_import_evaluate_finetune_export(tmp_path):
                    '--config=configs/pretrain.py:tiny', '--config.tokenizer.kind=sentencepiece',
                    '--config.tokenizer.spm_vocab_size=512')
   assert code == 1 and 'has 512 tokens, the checkpoint 259' in log, log
+  # Attention conversion at import: the overrides win over the checkpoint's full attention.
+  converted = str(tmp_path / 'converted')
+  code, log = _run('longjax.convert', f'--hf_dir={hf}', f'--workdir={converted}',
+                   '--config=configs/pretrain.py:tiny', '--config.model.dtype=float32',
+                   '--config.model.attention.layer_pattern=local,full',
+                   '--config.model.attention.radius=16')
+  assert code == 0, log
+  with open(os.path.join(converted, 'config.json')) as f:
+    attention = json.load(f)['model']['attention']
+  assert parse_layer_pattern(attention['layer_pattern']) == ('local', 'full')
+  assert attention['radius'] == 16
+  code, log = _run('longjax.main', f'--config={converted}/imported_config.py',
+                   f'--workdir={converted}', '--mode=eval')
+  assert code == 0 and 'eval done | step 0' in log, log
+

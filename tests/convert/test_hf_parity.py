@@ -211,3 +211,39 @@ def test_imported_encoder_decoders_equal_transformers(tmp_path, case):
     assert np.array_equal(original.get(name), exported.get(name)), name
   assert set(original.names()) - set(exported.names()) <= {
       'encoder.embed_tokens.weight', 'decoder.embed_tokens.weight', 'lm_head.weight'}
+
+
+def test_attention_conversion_keeps_the_weights_and_copies_longformers_globals(tmp_path):
+  reference = save_reference('llama', str(tmp_path / 'hf'))
+  block, params = checkpoints.import_hf(str(tmp_path / 'hf'))
+  tokens = np.random.default_rng(1).integers(0, TINY['vocab_size'], size=(2, 96))
+  with torch.no_grad():
+    expected = reference(torch.tensor(tokens)).logits.numpy()
+  # Local layers whose window covers the row compute full attention: the logits stay.
+  wide = dict(block, attention=dict(block['attention'], layer_pattern=('local', 'full'),
+                                    radius=200))
+  same, fresh = checkpoints.converted(params, ModelConfig.from_config(wide))
+  assert fresh == []
+  np.testing.assert_allclose(longjax_logits(wide, same, tokens), expected, atol=1e-4, rtol=0)
+  # A narrow window changes them (the conversion is real).
+  narrow = dict(wide, attention=dict(wide['attention'], radius=4))
+  assert np.abs(longjax_logits(narrow, same, tokens) - expected).max() > 1e-2
+  # global_local: Longformer's global projections start as the local ones.
+  longformer = dict(block, attention=dict(block['attention'], kind='global_local', radius=8,
+                                          num_global=2))
+  copied, fresh = checkpoints.converted(params, ModelConfig.from_config(longformer))
+  assert fresh == []
+  for i in range(TINY['num_hidden_layers']):
+    for name in ('q', 'k', 'v'):
+      att = ('decoder', 'blocks', i, 'attention')
+      assert np.array_equal(copied[att + (f'w{name}_global',)], copied[att + (f'w{name}',)])
+  # transient_global: the summary norms and the summaries' bias table are new (their
+  # initialisers); they are listed, not invented.
+  tglobal = dict(block, attention=dict(block['attention'], kind='transient_global', radius=8,
+                                       summary_block=8))
+  _, fresh = checkpoints.converted(params, ModelConfig.from_config(tglobal))
+  assert sorted(fresh) == sorted([f'decoder/blocks/{i}/attention/summary_norm/scale'
+                                  for i in range(TINY['num_hidden_layers'])] +
+                                 ['decoder/summary_bias/table'])
+  with pytest.raises(hf_files.HFFormatError, match='needs'):
+    checkpoints.converted(params, ModelConfig.from_config(dict(block, mlp_dim=32)))
