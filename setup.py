@@ -29,6 +29,8 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     # Hugging Face checkpoints (longjax.convert), read one tensor at a time.
     "safetensors==0.8.0",
+    # LoRA adapters (longjax/models/peft.py); Google's quantization / PEFT library.
+    "qwix==0.1.8",
     # Evaluation and plots.
     "rouge-score==0.1.2",
     "sacrebleu==2.6.0",

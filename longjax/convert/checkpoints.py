@@ -182,14 +182,18 @@ def write_run(config, workdir: str, params: Mapping) -> int:
 
 
 def read_run(config, workdir: str):
-  """(ModelConfig, nested params as numpy) of a run's latest checkpoint; config: the
-  command's config, checked against the run's as --mode=eval checks it."""
+  """(ModelConfig, nested params as numpy) of a run's latest checkpoint, LoRA adapters
+  merged; config: the command's config, checked against the run's as --mode=eval does."""
   import jax  # pylint: disable=g-import-not-at-top
   from longjax.train import run_identity, setup  # pylint: disable=g-import-not-at-top
+  from longjax.models import peft  # pylint: disable=g-import-not-at-top
   config = run_identity.evaluation_config(config, workdir, mode='export')
   run = setup.build_run(config, workdir)
   _, state = run.restore_latest()
-  return run.config.model, jax.tree.map(np.asarray, state.params)
+  model, params = run.config.model, state.params
+  if peft.enabled(model):  # LoRA: the adapters merged into their weights
+    model, params = peft.without_adapters(model), peft.merged(model, params)
+  return model, jax.tree.map(np.asarray, params)
 
 
 # The run's own config file ---------------------------------------------------------------

@@ -36,6 +36,7 @@ from flax import nnx
 from longjax import data
 from longjax import files
 from longjax import sharding
+from longjax.models import peft
 from longjax.decode import generate as generate_lib
 
 PREDICTIONS_DIR = 'decode'
@@ -120,6 +121,7 @@ def decode_rows(graphdef, params, batch, tokenizer, *, settings: generate_lib.De
   with with_text=True), or LM rows. Returns one dict per real row: source,
   prediction, reference (text).
   """
+  graphdef, params = peft.for_decoding(graphdef, params)
   return _decode_rows(graphdef, params, batch, tokenizer, settings=settings, seq2seq=seq2seq,
                       rng=rng, mesh=mesh, rules=rules)[0]
 
@@ -153,11 +155,13 @@ def _decode_rows(graphdef, params, batch, tokenizer, *, settings, seq2seq, rng, 
 
 
 def _split(model):
-  """(graphdef, params) of a model, or the pair itself."""
+  """(graphdef, params) of a model, or the pair itself; LoRA adapters merged in
+  (models/peft.py: decoding does not run the method Qwix intercepts)."""
   if isinstance(model, tuple):
     graphdef, params = model
-    return graphdef, params
-  return nnx.split(model, nnx.Param)
+  else:
+    graphdef, params = nnx.split(model, nnx.Param)
+  return peft.for_decoding(graphdef, params)
 
 
 def _check_single_process():

@@ -15,6 +15,7 @@ names its settings (`params`, the fields of `AttentionConfig` below) and checks 
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from typing import Any, Optional
 
@@ -67,6 +68,21 @@ class AttentionConfig:
   decoder_kind: str = attention.DEFAULT_KIND  # encoder_decoder: the decoder's causal kind.
 
 
+PEFT_METHODS = ('none', 'lora')
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """Parameter-efficient fine-tuning (longjax/models/peft.py, through Qwix)."""
+  method: str = 'none'  # 'none', or 'lora' (Hu et al. 2021): train rank-r adapters only.
+  rank: int = 8  # LoRA rank r.
+  alpha: float = 16.0  # LoRA scale: the adapter adds (alpha / rank) x A B.
+  dropout: float = 0.0  # Dropout on the adapters' input.
+  # Module paths that get adapters (a regex, fully matched against paths such as
+  # decoder/blocks/0/attention): every attention and MLP projection.
+  targets: str = r'.*(attention|mlp)'
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   arch: str = 'lm'  # 'lm' (decoder-only) or 'encoder_decoder'.
@@ -111,6 +127,7 @@ class ModelConfig:
   # AUTO_TILE_FROM, untiled below.
   tile_tokens: int = -1
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+  peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
 
   def __post_init__(self):
     """Validates, then resolves the sentinels: every instance holds final values."""
@@ -147,16 +164,19 @@ class ModelConfig:
     raw = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
     raw = dict(raw)
     att = dict(raw.pop('attention', {}) or {})
+    peft = dict(raw.pop('peft', {}) or {})
     _apply_deprecated(raw, att)
     known = {f.name for f in dataclasses.fields(cls)}
     known_att = {f.name for f in dataclasses.fields(AttentionConfig)}
+    known_peft = {f.name for f in dataclasses.fields(PeftConfig)}
     unknown = [f'model.{k}' for k in raw if k not in known]
     unknown += [f'model.attention.{k}' for k in att if k not in known_att]
+    unknown += [f'model.peft.{k}' for k in peft if k not in known_peft]
     if unknown:
       raise ValueError(f'Unknown model config field(s): {", ".join(sorted(unknown))}.')
     if 'layer_pattern' in att:
       att['layer_pattern'] = parse_layer_pattern(att['layer_pattern'])
-    return cls(**raw, attention=AttentionConfig(**att))
+    return cls(**raw, attention=AttentionConfig(**att), peft=PeftConfig(**peft))
 
   def validate(self):
     def fail(field, message):
@@ -211,6 +231,24 @@ class ModelConfig:
     if not 0.0 <= self.dropout_rate < 1.0:
       fail('dropout_rate', f'must be in [0, 1); got {self.dropout_rate}.')
     self._validate_attention(fail)
+    self._validate_peft(fail)
+
+  def _validate_peft(self, fail):
+    p = self.peft
+    if p.method not in PEFT_METHODS:
+      fail('peft.method', f'{p.method!r} is not one of {PEFT_METHODS}.')
+    if p.method == 'none':
+      return
+    if isinstance(p.rank, bool) or not isinstance(p.rank, int) or p.rank < 1:
+      fail('peft.rank', f'must be an int >= 1; got {p.rank!r}.')
+    if not p.alpha > 0:
+      fail('peft.alpha', f'must be > 0; got {p.alpha!r}.')
+    if not 0.0 <= p.dropout < 1.0:
+      fail('peft.dropout', f'must be in [0, 1); got {p.dropout!r}.')
+    try:
+      re.compile(p.targets)
+    except re.error as error:
+      fail('peft.targets', f'{p.targets!r} is not a regular expression: {error}.')
 
   def _validate_attention(self, fail):
     a = self.attention
@@ -285,6 +323,7 @@ def defaults() -> dict:
   """
   model = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != 'attention'}
   model['attention'] = dataclasses.asdict(AttentionConfig())
+  model['peft'] = dataclasses.asdict(PeftConfig())
   model.update(DEPRECATED_MODEL_FIELDS)
   model['attention'].update(DEPRECATED_ATTENTION_FIELDS)
   return model

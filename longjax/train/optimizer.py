@@ -159,3 +159,22 @@ def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule, decay_mask
   if spans is not None:
     tx = clamp_spans(tx, spans)
   return tx
+
+
+def adapter_mask(abstract_params) -> Optional[dict]:
+  """True for LoRA adapters (models/peft.py); None when the model has none."""
+  from longjax.models import peft  # pylint: disable=g-import-not-at-top
+  params = (nnx.to_pure_dict(abstract_params) if isinstance(abstract_params, nnx.State)
+            else abstract_params)
+  mask = jax.tree_util.tree_map_with_path(
+      lambda path, _: peft.is_adapter([getattr(path[-1], 'key', path[-1])]), params)
+  return mask if any(jax.tree.leaves(mask)) else None
+
+
+def adapters_only(inner: optax.GradientTransformation, mask) -> optax.GradientTransformation:
+  """`inner` on the leaves of `mask` (the adapters), a zero update elsewhere: the
+  base weights stay bitwise what they were, and the optimizer state (Adam's
+  moments) exists for the adapters alone (optax.multi_transform)."""
+  labels = jax.tree.map(lambda trained: 'adapter' if trained else 'frozen', mask)
+  return optax.multi_transform({'adapter': inner, 'frozen': optax.set_to_zero()}, labels)
+

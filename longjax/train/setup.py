@@ -120,6 +120,9 @@ def build_run(config, workdir, *, process_count: Optional[int] = None) -> Run:
   tx = optimizer.make_optimizer(run_config.optimizer, schedule,
                                 optimizer.weight_decay_mask(abstract_params),
                                 optimizer.span_mask(abstract_params))
+  adapters = optimizer.adapter_mask(abstract_params)
+  if adapters is not None:  # LoRA: only the adapters train
+    tx = optimizer.adapters_only(tx, adapters)
   shardings = state_lib.state_shardings(tx, abstract_params, mesh, run_config.axis_rules)
   abstract_state = state_lib.abstract_train_state(model_config, tx, shardings)
   return Run(config=run_config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,

@@ -53,8 +53,10 @@ def param_specs(abstract_params: nnx.State, mesh: Mesh, rules) -> dict:
   """PartitionSpec of every parameter from its `logical_axes` and the rules."""
   def spec(variable):
     names = variable.get_metadata().get('logical_axes')
-    if names is None:
-      return PartitionSpec()  # Unnamed weights are replicated.
+    if names is None or len(names) != variable.ndim:
+      # Unnamed weights are replicated; so are LoRA adapters, which Qwix gives their
+      # base weight's names (of another rank): they are small.
+      return PartitionSpec()
     return sharding.logical_to_spec(names, variable.shape, mesh, rules)
 
   return nnx.to_pure_dict(jax.tree.map(spec, abstract_params, is_leaf=_is_variable))
@@ -65,10 +67,11 @@ def state_shardings(tx: optax.GradientTransformation, abstract_params: nnx.State
   """NamedShardings of every leaf of the TrainState."""
   specs = param_specs(abstract_params, mesh, rules)
   opt_shapes = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
+  # A frozen leaf's state (LoRA's optax.multi_transform) is an empty MaskedNode.
   opt_specs = optax.tree_map_params(
-      tx, lambda _, spec: spec, opt_shapes, specs,
-      transform_non_params=lambda _: PartitionSpec(),
-      is_leaf=lambda x: isinstance(x, PartitionSpec))
+      tx, lambda leaf, spec: leaf if isinstance(leaf, optax.MaskedNode) else spec, opt_shapes,
+      specs, transform_non_params=lambda _: PartitionSpec(),
+      is_leaf=lambda x: isinstance(x, (PartitionSpec, optax.MaskedNode)))
   tree = TrainState(step=PartitionSpec(), params=specs, opt_state=opt_specs)
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -67,4 +67,25 @@ def test_import_evaluate_finetune_export(tmp_path):
   code, log = _run('longjax.main', f'--config={converted}/imported_config.py',
                    f'--workdir={converted}', '--mode=eval')
   assert code == 0 and 'eval done | step 0' in log, log
+  # LoRA on the imported model: only adapters train; the export merges them, so each
+  # projection moved by a matrix of rank <= r.
+  lora, merged = str(tmp_path / 'lora'), str(tmp_path / 'merged')
+  code, log = _run('longjax.convert', f'--hf_dir={hf}', f'--workdir={lora}',
+                   '--config=configs/pretrain.py:tiny', '--config.model.dtype=float32',
+                   '--config.model.peft.method=lora', '--config.model.peft.rank=2')
+  assert code == 0 and 'lora_a' in log, log  # the adapters are listed as new
+  code, log = _run('longjax.main', f'--config={lora}/imported_config.py', f'--workdir={lora}',
+                   '--config.num_train_steps=3', '--config.learning_rate=0.01')
+  assert code == 0, log
+  code, log = _run('longjax.convert', f'--workdir={lora}', f'--to_hf={merged}',
+                   f'--config={lora}/imported_config.py')
+  assert code == 0, log
+  tuned = hf_files.TensorReader(merged)
+  assert tuned.names() == original.names()
+  delta = (tuned.get('model.layers.1.self_attn.q_proj.weight') -
+           original.get('model.layers.1.self_attn.q_proj.weight'))
+  assert 0 < np.linalg.matrix_rank(delta, tol=1e-6) <= 2
+  for name in ('model.embed_tokens.weight', 'model.norm.weight',
+               'model.layers.0.input_layernorm.weight'):
+    assert np.array_equal(tuned.get(name), original.get(name)), name  # frozen: bitwise
 
