@@ -73,7 +73,7 @@ def run_one(args):
                                    jax.random.normal(keys[2 * i + 1], shape,
                                                      config.dtype), lengths,
                                    queries=jnp.zeros(q_shape, config.dtype))
-              for i, block in enumerate(model.decoder.blocks)]
+              for i, block in enumerate(model.decoder.layers)]
     first_logits = jnp.zeros((args.batch, config.vocab_size), jnp.float32)
 
     def generate(params, caches, first_logits):

@@ -117,6 +117,9 @@ class ModelConfig:
   # embeddings); False: plain x E^T, as Llama / Qwen2 checkpoints with tied embeddings.
   scale_tied_logits: bool = True
   qkv_bias: bool = False  # Biases on the query/key/value projections (Qwen2).
+  # Cross-layer sharing (ALBERT): each k consecutive layers of a stack use one block's
+  # weights (1 = none); their attention kinds must agree.
+  share_layers: int = 1
   t5_num_buckets: int = 32  # Relative-position buckets for 't5_bias'.
   t5_max_distance: int = 128  # Distances beyond this share the last bucket.
   dtype: Any = 'bfloat16'  # Compute dtype of matmuls (softmax, norms, logits stay fp32).
@@ -215,6 +218,9 @@ class ModelConfig:
       fail('rope_low_freq_factor', f'llama3 scaling needs 0 < rope_low_freq_factor < '
            f'rope_high_freq_factor; got {self.rope_low_freq_factor}, '
            f'{self.rope_high_freq_factor}.')
+    if isinstance(self.share_layers, bool) or not isinstance(self.share_layers, int) or (
+        self.share_layers < 1):
+      fail('share_layers', f'must be an int >= 1 (1: no sharing); got {self.share_layers!r}.')
     if not self.norm_eps > 0:
       fail('norm_eps', f'must be > 0; got {self.norm_eps}.')
     if self.mlp_activation not in MLP_ACTIVATIONS:
@@ -270,7 +276,14 @@ class ModelConfig:
         fail(f'attention.{param}', f'{problem} ({spec.name} attention)')
     if any(spec.learns_spans for spec in specs) and not 0.0 <= a.span_init <= 1.0:
       fail('attention.span_init', f'is a fraction of max_span in [0, 1]; got {a.span_init}.')
-    layer_kinds = set(self.layer_kinds())
+    kinds = self.layer_kinds()
+    k = self.share_layers if isinstance(self.share_layers, int) and self.share_layers > 0 else 1
+    for i, kind in enumerate(kinds):
+      if kind != kinds[i // k * k]:
+        fail('share_layers', f'layers {i // k * k} and {i} share weights (share_layers={k}) '
+             f'but their kinds differ ({kinds[i // k * k]}, {kind}); choose a layer_pattern '
+             'whose period is a multiple of share_layers, or share_layers = 1.')
+    layer_kinds = set(kinds)
     if self.positions == 'learned' and CHUNKED in layer_kinds and len(layer_kinds) > 1:
       fail('positions', f"'learned' adds one position table at the input, so chunked "
            f'layers cannot restart positions in each chunk when model.attention.layer_pattern '

@@ -161,8 +161,13 @@ class Stack(nnx.Module):
   def __init__(self, config: ModelConfig, kinds, *, causal: bool, cross: bool,
                rngs: nnx.Rngs):
     self.config = config
+    # model.share_layers = k: layers i and j use one block's weights when i // k == j // k
+    # (ALBERT, Lan et al. 2020, "cross-layer parameter sharing"); `layers` lists each
+    # layer's block.
+    share = config.share_layers
     self.blocks = nnx.List([Block(config, kind, causal=causal, cross=cross, rngs=rngs)
-                            for kind in kinds])
+                            for kind in kinds[::share]])
+    self.num_layers = len(kinds)
     if config.positions == 't5_bias':
       self.relative_bias = layers.RelativePositionBias(
           config.num_heads, num_buckets=config.t5_num_buckets,
@@ -178,6 +183,11 @@ class Stack(nnx.Module):
           param_dtype=config.param_dtype, rngs=rngs)
     self.final_norm = _norm(config, rngs)
 
+  @property
+  def layers(self) -> list:
+    """The block of every layer, in order (a shared block appears share_layers times)."""
+    return [self.blocks[i // self.config.share_layers] for i in range(self.num_layers)]
+
   def _biases(self) -> dict:
     """The position-bias closures the blocks take (bias_fn, summary_bias_fn)."""
     return dict(bias_fn=self.relative_bias() if self.config.positions == 't5_bias' else None,
@@ -187,7 +197,7 @@ class Stack(nnx.Module):
                memory_segment_ids=None, global_mask=None):
     biases = self._biases()
     auxes = []
-    for i, block in enumerate(self.blocks):
+    for i, block in enumerate(self.layers):
       x, aux = _call_block(self.config, block, x, positions, segment_ids,
                            _layer_key(dropout_key, i), memory, memory_segment_ids,
                            global_mask, **biases)
@@ -196,7 +206,7 @@ class Stack(nnx.Module):
 
   def head_spans(self) -> dict:
     """{layer index: span of each head in tokens [heads]} of the adaptive-span layers."""
-    return {i: block.attention.spans() for i, block in enumerate(self.blocks)
+    return {i: block.attention.spans() for i, block in enumerate(self.layers)
             if block.attention.spec.learns_spans}
 
   def embedding_positions(self, positions):
@@ -216,13 +226,13 @@ class Stack(nnx.Module):
 
   def init_caches(self, batch: int, max_length: int) -> list:
     """Empty caches of every block for positions 0..max_length-1."""
-    return [block.attention.init_cache(batch, max_length) for block in self.blocks]
+    return [block.attention.init_cache(batch, max_length) for block in self.layers]
 
   def prefill(self, x, positions, lengths, max_length: int):
     """Like __call__ over right-padded prompts; -> (normed x, caches)."""
     biases = self._biases()
     caches = []
-    for block in self.blocks:
+    for block in self.layers:
       x, cache = block.prefill(x, positions, lengths, max_length, **biases)
       caches.append(cache)
     return self.final_norm(x), caches
@@ -231,7 +241,7 @@ class Stack(nnx.Module):
     """One token per row through every block; memories: one per block or None."""
     biases = self._biases()
     new_caches = []
-    for i, block in enumerate(self.blocks):
+    for i, block in enumerate(self.layers):
       memory = None if memories is None else memories[i]
       x, cache = block.decode_step(x, positions, caches[i], memory, memory_segment_ids,
                                    **biases)
@@ -412,7 +422,7 @@ class EncoderDecoder(nnx.Module):
     if inputs_segment_ids is None:
       inputs_segment_ids = jnp.ones(inputs.shape, jnp.int32)
     encoded, _ = self.encode(inputs, segment_ids=inputs_segment_ids)
-    memories = [block.cross_attention.project_memory(encoded) for block in self.decoder.blocks]
+    memories = [block.cross_attention.project_memory(encoded) for block in self.decoder.layers]
     return memories, self.decoder.init_caches(inputs.shape[0], max_length)
 
   def decode_step(self, tokens, positions, caches, memories, memory_segment_ids):
