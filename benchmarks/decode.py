@@ -53,13 +53,14 @@ def run_one(args):
   graphdef, params = nnx.split(model, nnx.Param)
   lengths = jnp.full((args.batch,), args.length, jnp.int32)
   result = dict(kind=args.kind, length=args.length, mode=args.mode, dtype=args.dtype,
-                batch=args.batch)
+                batch=args.batch, kv_cache_dtype=args.kv_cache_dtype)
 
   if args.mode == 'prefill':
     prompt = jax.random.randint(jax.random.key(0), (args.batch, args.length), 3, 259)
 
     def prefill(params, prompt):
-      return nnx.merge(graphdef, params).prefill(prompt, lengths, max_length=max_length)
+      return nnx.merge(graphdef, params).prefill(prompt, lengths, max_length=max_length,
+                                                 cache_dtype=args.kv_cache_dtype)
 
     result.update(harness.time_steps(prefill, params, prompt, steps=args.steps))
     result['cache_bytes'] = kv_cache.nbytes(jax.eval_shape(prefill, params, prompt)[1])
@@ -72,7 +73,8 @@ def run_one(args):
                                    jax.random.normal(keys[2 * i], shape, config.dtype),
                                    jax.random.normal(keys[2 * i + 1], shape,
                                                      config.dtype), lengths,
-                                   queries=jnp.zeros(q_shape, config.dtype))
+                                   queries=jnp.zeros(q_shape, config.dtype),
+                                   cache_dtype=args.kv_cache_dtype)
               for i, block in enumerate(model.decoder.layers)]
     first_logits = jnp.zeros((args.batch, config.vocab_size), jnp.float32)
 
@@ -96,6 +98,8 @@ def main():
   parser.add_argument('--lengths', default='1024,4096,16384,32768')
   parser.add_argument('--modes', default='decode,prefill')
   parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--kv-cache-dtype', default='auto', choices=['auto', 'int8'],
+                      help='int8: the caches\' windows quantized (decode.kv_cache_dtype)')
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--layers', type=int, default=2)
   parser.add_argument('--heads', type=int, default=4)
@@ -116,7 +120,8 @@ def main():
   if args.point:
     return run_one(args)
 
-  passthrough = [f'--dtype={args.dtype}', f'--batch={args.batch}', f'--layers={args.layers}',
+  passthrough = [f'--dtype={args.dtype}', f'--kv-cache-dtype={args.kv_cache_dtype}',
+                 f'--batch={args.batch}', f'--layers={args.layers}',
                  f'--heads={args.heads}', f'--head-dim={args.head_dim}',
                  f'--radius={args.radius}', f'--decode-tokens={args.decode_tokens}',
                  f'--steps={args.steps}']

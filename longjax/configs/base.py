@@ -121,6 +121,7 @@ def get_config() -> ml_collections.ConfigDict:
   decode.temperature = 0.0  # 0 = greedy.
   decode.top_k = 0  # Sample from the k most likely tokens (0 = all).
   decode.top_p = 1.0  # Nucleus sampling mass.
+  decode.kv_cache_dtype = 'auto'  # 'int8': the caches' windows quantized (per token and head).
   config.decode = decode
 
   # Sharding --------------------------------------------------------------

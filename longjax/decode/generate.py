@@ -50,6 +50,7 @@ class DecodeSettings:
   eos_id: Optional[int] = tokenizers.EOS_ID  # Rows stop after it; None = never.
   pad_id: int = tokenizers.PAD_ID
   return_logits: bool = False     # Sampling only: keep every step's logits.
+  kv_cache_dtype: str = 'auto'    # 'int8': caches' windows quantized per token and head.
 
   @classmethod
   def from_config(cls, decode_config, **overrides) -> 'DecodeSettings':
@@ -58,7 +59,8 @@ class DecodeSettings:
                   beam_size=int(decode_config.beam_size),
                   length_penalty=float(decode_config.length_penalty),
                   temperature=float(decode_config.temperature),
-                  top_k=int(decode_config.top_k), top_p=float(decode_config.top_p))
+                  top_k=int(decode_config.top_k), top_p=float(decode_config.top_p),
+                  kv_cache_dtype=str(decode_config.get('kv_cache_dtype', 'auto')))
     fields.update(overrides)
     return cls(**fields).validate()
 
@@ -68,6 +70,9 @@ class DecodeSettings:
     if self.beam_size < 1:
       raise ValueError(f'config.decode.beam_size must be >= 1; got {self.beam_size}.')
     sampling.check_settings(self.temperature, self.top_k, self.top_p)
+    if self.kv_cache_dtype not in ('auto', 'int8'):
+      raise ValueError(f"config.decode.kv_cache_dtype must be 'auto' or 'int8'; got "
+                       f'{self.kv_cache_dtype!r}.')
     if self.beam_size > 1 and (self.temperature > 0 or self.top_k > 1 or self.top_p < 1):
       raise ValueError('config.decode: beam search (beam_size > 1) is deterministic; set '
                        'temperature = 0, top_k = 0 and top_p = 1, or beam_size = 1 to sample.')
@@ -124,16 +129,18 @@ class Decoder(NamedTuple):
   step_fn: search.StepFn
 
 
-def lm_decoder(model, prompt, lengths, *, max_decode_len: int) -> Decoder:
+def lm_decoder(model, prompt, lengths, *, max_decode_len: int,
+               cache_dtype: str = 'auto') -> Decoder:
   """A TransformerLM after prefilling right-padded prompts (the blocked kernels)."""
   # Positions fed to the cache: up to lengths + max_decode_len - 2.
   max_length = prompt.shape[1] + max_decode_len - 1
-  first_logits, caches = model.prefill(prompt, lengths, max_length=max_length)
+  first_logits, caches = model.prefill(prompt, lengths, max_length=max_length,
+                                       cache_dtype=cache_dtype)
   return Decoder(first_logits, caches, lengths, model.decode_step)
 
 
 def seq2seq_decoder(model, inputs, inputs_segment_ids, *, max_decode_len: int,
-                    beam_size: int = 1) -> Decoder:
+                    beam_size: int = 1, cache_dtype: str = 'auto') -> Decoder:
   """An EncoderDecoder after encoding the source and feeding bos at position 0.
 
   The step function attends the encoder memory repeated beam_size times (the
@@ -142,7 +149,7 @@ def seq2seq_decoder(model, inputs, inputs_segment_ids, *, max_decode_len: int,
   batch = inputs.shape[0]
   # bos at position 0, token i fed at position i + 1 (the last one is not fed).
   memories, caches = model.init_decoding(inputs, inputs_segment_ids=inputs_segment_ids,
-                                         max_length=max_decode_len)
+                                         max_length=max_decode_len, cache_dtype=cache_dtype)
   bos = jnp.full((batch,), tokenizers.BOS_ID, jnp.int32)
   zeros = jnp.zeros((batch,), jnp.int32)
   first_logits, caches = model.decode_step(bos, zeros, caches, memories, inputs_segment_ids)
@@ -158,7 +165,8 @@ def seq2seq_decoder(model, inputs, inputs_segment_ids, *, max_decode_len: int,
 def _generate_lm(graphdef, params, prompt, lengths, rng, *, settings, mesh, rules):
   with _rules(mesh, rules):
     model = _merged(graphdef, params, models.TransformerLM)
-    decoder = lm_decoder(model, prompt, lengths, max_decode_len=settings.max_decode_len)
+    decoder = lm_decoder(model, prompt, lengths, max_decode_len=settings.max_decode_len,
+                         cache_dtype=settings.kv_cache_dtype)
     return _run(decoder, rng, settings)
 
 
@@ -169,7 +177,7 @@ def _generate_seq2seq(graphdef, params, inputs, inputs_segment_ids, rng, *, sett
     model = _merged(graphdef, params, models.EncoderDecoder)
     decoder = seq2seq_decoder(model, inputs, inputs_segment_ids,
                               max_decode_len=settings.max_decode_len,
-                              beam_size=settings.beam_size)
+                              beam_size=settings.beam_size, cache_dtype=settings.kv_cache_dtype)
     return _run(decoder, rng, settings)
 
 

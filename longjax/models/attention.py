@@ -231,14 +231,15 @@ class SelfAttention(_Projections):
       layout = layout._replace(global_slots=layout.pinned)
     return layout
 
-  def init_cache(self, batch: int, max_length: int) -> kv_cache.LayerCache:
-    """An empty cache for positions 0..max_length-1."""
+  def init_cache(self, batch: int, max_length: int,
+                 cache_dtype: str = 'auto') -> kv_cache.LayerCache:
+    """An empty cache for positions 0..max_length-1 (cache_dtype: 'auto' or 'int8')."""
     return kv_cache.init(self.cache_layout(max_length), batch, self.config.num_kv_heads,
                          self.config.head_dim, self.config.dtype, emb_dim=self.config.emb_dim,
-                         heads=self.config.num_heads)
+                         heads=self.config.num_heads, cache_dtype=cache_dtype)
 
   def prefill(self, x, *, positions, lengths, max_length: int, bias_fn=None,
-              summary_bias_fn=None):
+              summary_bias_fn=None, cache_dtype: str = 'auto'):
     """The forward over prompts (the blocked kernel, as __call__) and the cache it leaves.
 
     x [b, l, emb] right-padded prompts at positions [b, l], lengths [b] their
@@ -255,7 +256,8 @@ class SelfAttention(_Projections):
     if 'global_qkv' in formed:
       global_kv = formed['global_qkv'][1:]
     return self.output(out), kv_cache.from_prompt(layout, k, v, lengths, summaries=summaries,
-                                                  global_kv=global_kv, queries=q)
+                                                  global_kv=global_kv, queries=q,
+                                                  cache_dtype=cache_dtype)
 
   def decode_step(self, x, *, positions, cache: kv_cache.LayerCache, bias_fn=None,
                   summary_bias_fn=None):

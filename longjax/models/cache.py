@@ -40,10 +40,37 @@ from longjax.attention.spec import CacheLayout, KindSpec, Slots
 
 
 class KVBuffer(NamedTuple):
-  """k, v: [batch, kv_heads, slots, head_dim]; pos: [batch, slots] int32 (-1 empty)."""
+  """k, v: [batch, kv_heads, slots, head_dim]; pos: [batch, slots] int32 (-1 empty).
+
+  Quantized (decode.kv_cache_dtype = 'int8'; the window buffer only): k and v
+  are int8 and k_scale, v_scale [batch, kv_heads, slots] float32 hold each
+  token's and head's scale, key = k * k_scale (symmetric, max |x| / 127).
+  """
   k: jax.Array
   v: jax.Array
   pos: jax.Array
+  k_scale: Optional[jax.Array] = None
+  v_scale: Optional[jax.Array] = None
+
+
+CACHE_DTYPES = ('auto', 'int8')  # 'auto': the model's compute dtype
+
+
+def quantize(x):
+  """x [..., d] -> (int8 [..., d], float32 scale [...]): per-vector symmetric int8."""
+  x32 = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return jnp.clip(jnp.round(x32 / scale[..., None]), -127, 127).astype(jnp.int8), scale
+
+
+def dequantize(values, scale, dtype):
+  return (values.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+def _quantized_window(window: KVBuffer) -> KVBuffer:
+  (k, k_scale), (v, v_scale) = quantize(window.k), quantize(window.v)
+  return KVBuffer(k, v, window.pos, k_scale, v_scale)
 
 
 class PooledBuffer(NamedTuple):
@@ -81,12 +108,16 @@ def _constrain(buffer):
 
 
 def init(layout: CacheLayout, batch: int, kv_heads: int, head_dim: int, dtype, *,
-         emb_dim: Optional[int] = None, heads: Optional[int] = None) -> LayerCache:
+         emb_dim: Optional[int] = None, heads: Optional[int] = None,
+         cache_dtype: str = 'auto') -> LayerCache:
   """An empty cache (emb_dim: the layer's input width, for summaries from inputs;
-  heads: the query heads, for layouts with pool_queries)."""
+  heads: the query heads, for layouts with pool_queries; cache_dtype 'int8': the
+  window buffer quantized)."""
   zeros = lambda slots: jnp.zeros((batch, kv_heads, slots, head_dim), dtype)
   window = KVBuffer(zeros(layout.slots), zeros(layout.slots),
                     jnp.full((batch, layout.slots), -1, jnp.int32))
+  if _check_dtype(cache_dtype) == 'int8':
+    window = _quantized_window(window)
 
   def empty(n):
     group = jnp.full((batch, n), -1, jnp.int32)
@@ -135,8 +166,14 @@ def _gather_slots(x, index, held):
   return _constrain(jnp.swapaxes(taken, 1, 2))
 
 
+def _check_dtype(cache_dtype: str) -> str:
+  if cache_dtype not in CACHE_DTYPES:
+    raise ValueError(f'config.decode.kv_cache_dtype={cache_dtype!r} is not one of {CACHE_DTYPES}.')
+  return cache_dtype
+
+
 def from_prompt(layout: CacheLayout, k, v, lengths, *, summaries=None,
-                global_kv=None, queries=None) -> LayerCache:
+                global_kv=None, queries=None, cache_dtype: str = 'auto') -> LayerCache:
   """The cache after a prompt, from the keys and values the prefill computed.
 
   k, v: [batch, prompt_len, kv_heads, head_dim] (keys after RoPE); lengths:
@@ -146,11 +183,14 @@ def from_prompt(layout: CacheLayout, k, v, lengths, *, summaries=None,
   blocks 0, 1, ..., x [batch, prompt_len, emb] the layer's inputs).
   global_kv (layouts with global_slots): (k, v) of the global projections.
   queries (layouts with pool_queries): [batch, prompt_len, heads, head_dim].
+  cache_dtype: 'int8' stores the window buffer quantized (KVBuffer).
   """
   lengths = jnp.asarray(lengths, jnp.int32)
   pos = _ring_fill(lengths, layout.pinned, layout.ring, layout.slots)
   held = pos >= 0
   window = KVBuffer(_gather_slots(k, pos, held), _gather_slots(v, pos, held), pos)
+  if _check_dtype(cache_dtype) == 'int8':
+    window = _quantized_window(window)
   if layout.pool_from_inputs:
     if summaries is None:
       raise ValueError('This layout forms its summaries from inputs: pass summaries=.')
@@ -244,8 +284,15 @@ def append(cache: LayerCache, k, v, positions, *, x=None,
     ring_slot = layout.pinned + (positions - layout.pinned) % layout.ring
     slot = jnp.where(positions < layout.pinned, positions, ring_slot)
   w = cache.window
-  window = KVBuffer(_set_slot(w.k, slot, k), _set_slot(w.v, slot, v),
-                    _rows_set(w.pos, slot, positions))
+  if w.k_scale is None:
+    window = KVBuffer(_set_slot(w.k, slot, k), _set_slot(w.v, slot, v),
+                      _rows_set(w.pos, slot, positions))
+  else:  # int8: the token's key and value quantized with their own scales
+    (qk, sk), (qv, sv) = quantize(k), quantize(v)
+    rows = jnp.arange(slot.shape[0])
+    window = KVBuffer(_set_slot(w.k, slot, qk), _set_slot(w.v, slot, qv),
+                      _rows_set(w.pos, slot, positions),
+                      w.k_scale.at[rows, :, slot].set(sk), w.v_scale.at[rows, :, slot].set(sv))
   if layout.pool_from_inputs:
     if x is None or summarize is None:
       raise ValueError('This layout forms its summaries from inputs: pass x= and summarize=.')
@@ -337,8 +384,11 @@ def attend(cache: LayerCache, q, positions, *, kind: KindSpec, settings, bias_fn
   """
   positions = jnp.asarray(positions, jnp.int32)
   w = cache.window
+  k, v = w.k, w.v
+  if w.k_scale is not None:  # int8 window: dequantized as it is read (fused into the dots)
+    k, v = dequantize(k, w.k_scale, q.dtype), dequantize(v, w.v_scale, q.dtype)
   pooled = tuple(Slots(p.k, p.v, p.group, p.query) for p in cache.pooled)
-  groups = kind.decode_keys(settings, Slots(w.k, w.v, w.pos), pooled, positions, **extra)
+  groups = kind.decode_keys(settings, Slots(k, v, w.pos), pooled, positions, **extra)
   return cached.attend(q, groups, bias_fn=bias_fn)
 
 

@@ -122,11 +122,11 @@ class Block(nnx.Module):
 
   # Decoding (no dropout, no remat) ------------------------------------------
   def prefill(self, x, positions, lengths, max_length: int, *, bias_fn=None,
-              summary_bias_fn=None):
+              summary_bias_fn=None, cache_dtype: str = 'auto'):
     """__call__ over right-padded prompts (no cross-attention) -> (x, LayerCache)."""
     y, cache = self.attention.prefill(self.attention_norm(x), positions=positions,
                                       lengths=lengths, max_length=max_length, bias_fn=bias_fn,
-                                      summary_bias_fn=summary_bias_fn)
+                                      summary_bias_fn=summary_bias_fn, cache_dtype=cache_dtype)
     x = x + y
     x = x + self.mlp(self.mlp_norm(x), tiles=self.config.token_tiles(x.shape[1]))
     return sharding.constrain(x, ('batch', 'length', 'embed')), cache
@@ -224,16 +224,17 @@ class Stack(nnx.Module):
 
   # Decoding ---------------------------------------------------------------
 
-  def init_caches(self, batch: int, max_length: int) -> list:
-    """Empty caches of every block for positions 0..max_length-1."""
-    return [block.attention.init_cache(batch, max_length) for block in self.layers]
+  def init_caches(self, batch: int, max_length: int, cache_dtype: str = 'auto') -> list:
+    """Empty caches of every layer for positions 0..max_length-1."""
+    return [block.attention.init_cache(batch, max_length, cache_dtype) for block in self.layers]
 
-  def prefill(self, x, positions, lengths, max_length: int):
+  def prefill(self, x, positions, lengths, max_length: int, cache_dtype: str = 'auto'):
     """Like __call__ over right-padded prompts; -> (normed x, caches)."""
     biases = self._biases()
     caches = []
     for block in self.layers:
-      x, cache = block.prefill(x, positions, lengths, max_length, **biases)
+      x, cache = block.prefill(x, positions, lengths, max_length, cache_dtype=cache_dtype,
+                               **biases)
       caches.append(cache)
     return self.final_norm(x), caches
 
@@ -318,23 +319,24 @@ class TransformerLM(nnx.Module):
     return x, _collect_aux(auxes, self.decoder.head_spans())
 
   # Decoding ---------------------------------------------------------------
-  def prefill(self, inputs, lengths, *, max_length: int):
+  def prefill(self, inputs, lengths, *, max_length: int, cache_dtype: str = 'auto'):
     """Runs right-padded prompts through the model; fills the caches.
 
     inputs [b, l] (row r's prompt is inputs[r, :lengths[r]]), lengths [b] >= 1,
-    max_length: the caches hold positions 0..max_length-1.
+    max_length: the caches hold positions 0..max_length-1; cache_dtype 'int8':
+    their windows quantized (decode.kv_cache_dtype).
     Returns (logits [b, vocab] fp32 of the token after each prompt, caches).
     """
     check_length(self.config, max_length, 'decoding')
     positions = _default_positions(inputs)
     x = self.embedder.embed(inputs, self.decoder.embedding_positions(positions), None)
-    x, caches = self.decoder.prefill(x, positions, lengths, max_length)
+    x, caches = self.decoder.prefill(x, positions, lengths, max_length, cache_dtype)
     last = jnp.take_along_axis(x, (jnp.asarray(lengths) - 1)[:, None, None], axis=1)
     return self.embedder.logits(last)[:, 0], caches
 
-  def init_caches(self, batch: int, max_length: int) -> list:
+  def init_caches(self, batch: int, max_length: int, cache_dtype: str = 'auto') -> list:
     check_length(self.config, max_length, 'decoding')
-    return self.decoder.init_caches(batch, max_length)
+    return self.decoder.init_caches(batch, max_length, cache_dtype)
 
   def decode_step(self, tokens, positions, caches):
     """tokens [b] at positions [b] -> (logits [b, vocab] fp32 of the next token, caches)."""
@@ -410,7 +412,8 @@ class EncoderDecoder(nnx.Module):
     return y, _collect_aux(auxes, self.encoder.head_spans())
 
   # Decoding ---------------------------------------------------------------
-  def init_decoding(self, inputs, *, inputs_segment_ids=None, max_length: int):
+  def init_decoding(self, inputs, *, inputs_segment_ids=None, max_length: int,
+                    cache_dtype: str = 'auto'):
     """Encodes the source once for decoding.
 
     inputs [b, s], inputs_segment_ids [b, s] (0 = padding; default all 1);
@@ -423,7 +426,7 @@ class EncoderDecoder(nnx.Module):
       inputs_segment_ids = jnp.ones(inputs.shape, jnp.int32)
     encoded, _ = self.encode(inputs, segment_ids=inputs_segment_ids)
     memories = [block.cross_attention.project_memory(encoded) for block in self.decoder.layers]
-    return memories, self.decoder.init_caches(inputs.shape[0], max_length)
+    return memories, self.decoder.init_caches(inputs.shape[0], max_length, cache_dtype)
 
   def decode_step(self, tokens, positions, caches, memories, memory_segment_ids):
     """Decoder tokens [b] at positions [b] -> (logits [b, vocab] fp32, caches)."""
