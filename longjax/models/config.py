@@ -77,7 +77,6 @@ class PeftConfig:
   method: str = 'none'  # 'none', or 'lora' (Hu et al. 2021): train rank-r adapters only.
   rank: int = 8  # LoRA rank r.
   alpha: float = 16.0  # LoRA scale: the adapter adds (alpha / rank) x A B.
-  dropout: float = 0.0  # Dropout on the adapters' input.
   # Module paths that get adapters (a regex, fully matched against paths such as
   # decoder/blocks/0/attention): every attention and MLP projection.
   targets: str = r'.*(attention|mlp)'
@@ -249,8 +248,6 @@ class ModelConfig:
       fail('peft.rank', f'must be an int >= 1; got {p.rank!r}.')
     if not p.alpha > 0:
       fail('peft.alpha', f'must be > 0; got {p.alpha!r}.')
-    if not 0.0 <= p.dropout < 1.0:
-      fail('peft.dropout', f'must be in [0, 1); got {p.dropout!r}.')
     try:
       re.compile(p.targets)
     except re.error as error:

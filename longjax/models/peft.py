@@ -42,8 +42,10 @@ def apply(model: nnx.Module, config, rngs: nnx.Rngs) -> nnx.Module:
   """`model` with LoRA adapters on every projection `config.peft` targets."""
   import qwix  # pylint: disable=g-import-not-at-top
   p = config.peft
+  # No adapter dropout: Qwix's is on in evaluation too and draws from the modules'
+  # rngs, where longjax passes dropout keys explicitly.
   provider = qwix.LoraProvider([qwix.LoraRule(module_path=p.targets, rank=p.rank,
-                                              alpha=p.alpha, dropout=p.dropout)])
+                                              alpha=p.alpha)])
   tokens = jnp.zeros((1, min(_TRACE_TOKENS, config.max_len)), jnp.int32)
   inputs = (tokens, tokens) if config.arch == 'encoder_decoder' else (tokens,)
   adapted = qwix.apply_lora_to_model(model, provider, *inputs, rngs=rngs, methods=('hidden',))
