@@ -267,3 +267,40 @@ def imported_config(workdir: str, arg: str = ''):
   config = load_config_file(record['task'], record['overrides'])
   with config.unlocked():
     return with_model(config, record['model'], record['overrides'])
+
+
+# Python API ------------------------------------------------------------------------------
+
+
+def from_hf(hf_dir: str, **model_fields):
+  """(ModelConfig, model) of a HF folder: the longjax model holding its weights, in
+  float32 unless model_fields say otherwise (any model field: dtype, attention, ...)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from longjax import models  # pylint: disable=g-import-not-at-top
+  from longjax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  block, params = import_hf(hf_dir)
+  attention = dict(block['attention'], **model_fields.pop('attention', {}))
+  config = ModelConfig.from_config(dict(block, **dict(dict(dtype='float32'), **model_fields),
+                                        attention=attention))
+  params, _ = converted(params, config)
+  model = models.build(config, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+
+  def fill(tree, prefix=()):
+    return {k: fill(v, prefix + (k,)) if isinstance(v, Mapping) else
+            params.get(_key(prefix + (k,)), v) for k, v in tree.items()}
+
+  nnx.replace_by_pure_dict(state, fill(pure))
+  nnx.update(model, state)
+  return config, model
+
+
+def to_hf(config, model, hf_dir: str, architecture_name: str = '') -> dict:
+  """Writes a longjax model (LoRA adapters merged) as a HF folder; returns its config.json."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from longjax.models import peft  # pylint: disable=g-import-not-at-top
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  if peft.enabled(config):
+    config, params = peft.without_adapters(config), peft.merged(config, params)
+  return export_hf(config, params, hf_dir, architecture_name)

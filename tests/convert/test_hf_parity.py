@@ -84,6 +84,13 @@ def nested(params):
   return tree
 
 
+def reference_logits(reference, seed, length):
+  """Random tokens [2, length] and transformers' logits of them."""
+  tokens = np.random.default_rng(seed).integers(0, TINY['vocab_size'], size=(2, length))
+  with torch.no_grad():
+    return tokens, reference(torch.tensor(tokens)).logits.numpy()
+
+
 def longjax_logits(block, params, tokens):
   logits, _ = longjax_model(block, params)(np.asarray(tokens, np.int32))
   return np.asarray(logits)
@@ -94,9 +101,7 @@ def test_imported_logits_equal_transformers(tmp_path, case):
   reference = save_reference(case, str(tmp_path / 'hf'))
   block, params = checkpoints.import_hf(str(tmp_path / 'hf'))
   # Long enough that the scaled RoPE, the sliding window (8) and GQA all matter.
-  tokens = np.random.default_rng(1).integers(0, TINY['vocab_size'], size=(2, 96))
-  with torch.no_grad():
-    expected = reference(torch.tensor(tokens)).logits.numpy()
+  tokens, expected = reference_logits(reference, 1, 96)
   got = longjax_logits(block, params, tokens)
   np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
@@ -216,9 +221,7 @@ def test_imported_encoder_decoders_equal_transformers(tmp_path, case):
 def test_attention_conversion_keeps_the_weights_and_copies_longformers_globals(tmp_path):
   reference = save_reference('llama', str(tmp_path / 'hf'))
   block, params = checkpoints.import_hf(str(tmp_path / 'hf'))
-  tokens = np.random.default_rng(1).integers(0, TINY['vocab_size'], size=(2, 96))
-  with torch.no_grad():
-    expected = reference(torch.tensor(tokens)).logits.numpy()
+  tokens, expected = reference_logits(reference, 1, 96)
   # Local layers whose window covers the row compute full attention: the logits stay.
   wide = dict(block, attention=dict(block['attention'], layer_pattern=('local', 'full'),
                                     radius=200))
@@ -247,3 +250,15 @@ def test_attention_conversion_keeps_the_weights_and_copies_longformers_globals(t
                                  ['decoder/summary_bias/table'])
   with pytest.raises(hf_files.HFFormatError, match='needs'):
     checkpoints.converted(params, ModelConfig.from_config(dict(block, mlp_dim=32)))
+
+
+def test_python_api_from_hf_and_to_hf(tmp_path):
+  reference = save_reference('qwen2', str(tmp_path / 'hf'))
+  config, model = checkpoints.from_hf(str(tmp_path / 'hf'))
+  tokens, expected = reference_logits(reference, 5, 40)
+  np.testing.assert_allclose(np.asarray(model(np.asarray(tokens, np.int32))[0]), expected,
+                             atol=1e-4, rtol=0)
+  checkpoints.to_hf(config, model, str(tmp_path / 'out'))
+  original, exported = (hf_files.TensorReader(str(tmp_path / d)) for d in ('hf', 'out'))
+  assert all(np.array_equal(original.get(n), exported.get(n)) for n in exported.names())
+
