@@ -21,7 +21,8 @@ reads every run workdir under the given paths (a directory holding
     probes (`--mode=eval --config.synthetic.needle_depth=d`, or passkey_depth), which
     are kept out of runs.csv;
   * `context_curve_L<length>.png`: the runs' `--mode=context_eval` curves (loss on
-    fixed targets against context), one line per run, per training length.
+    fixed targets against context), one line per kind (the mean over its seeds), per
+    training length.
 
 From a notebook:
 
@@ -363,13 +364,28 @@ def plot_context_curves(runs: Sequence[RunRecord], out: str) -> list[str]:
     path = os.path.join(run.workdir, context_eval.OUT_DIR, 'context_curve.csv')
     if os.path.exists(path):
       with open(path, newline='') as f:
-        label = f'{run.kind} seed {run.seed}'
-        by_length.setdefault(run.length, {})[label] = list(csv.DictReader(f))
+        by_length.setdefault(run.length, {}).setdefault(run.kind, []).append(
+            list(csv.DictReader(f)))
   paths = []
-  for length, curves in sorted(by_length.items()):
+  for length, by_kind in sorted(by_length.items()):
+    # One line per kind: the mean over its seeds of the loss and of the 95% interval.
+    curves = {f'{kind} ({len(seeds)} seed{"s" * (len(seeds) > 1)})': _mean_curve(seeds)
+              for kind, seeds in by_kind.items()}
     paths.append(os.path.join(out, f'context_curve_L{length}.png'))
     context_eval.plot_context_curves(curves, length, paths[-1])
   return paths
+
+
+def _mean_curve(curves: Sequence[list]) -> list[dict]:
+  """Context-curve rows averaged over runs, at the contexts every run has."""
+  common = set.intersection(*({r['context'] for r in rows} for rows in curves))
+  out = []
+  for row in curves[0]:
+    if row['context'] in common:
+      same = [next(r for r in rows if r['context'] == row['context']) for rows in curves]
+      out.append(dict(row, **{k: statistics.mean(float(r[k]) for r in same)
+                              for k in ('loss', 'ci_low', 'ci_high')}))
+  return out
 
 
 PRINTED = ('kind', 'length', 'eval_seq_len', 'seed', 'step', 'accuracy', 'exact_match',

@@ -216,3 +216,13 @@ def test_needle_depth_probes_make_heatmaps_not_rows(tmp_path):
   assert grid['local'][(0.5, 256)] == pytest.approx(0.5) and grid['full'][(1.0, 128)] == 0.9
   for kind in ('full', 'local'):
     assert os.path.getsize(os.path.join(out, f'needle_depth_{kind}.png')) > 1000
+
+
+def test_a_kinds_context_curve_is_the_mean_over_its_seeds():
+  row = lambda c, loss: dict(context=str(c), extrapolated='0', loss=str(loss),
+                             ci_low=str(loss - 0.2), ci_high=str(loss + 0.2))
+  seeds = [[row(8, 2.0), row(64, 1.6)], [row(8, 2.4), row(64, 1.8), row(512, 1.7)]]
+  mean = compare._mean_curve(seeds)  # pylint: disable=protected-access
+  assert [r['context'] for r in mean] == ['8', '64']  # the contexts both seeds have
+  assert [round(r['loss'], 6) for r in mean] == [2.2, 1.7]
+  assert [round(r['ci_high'], 6) for r in mean] == [2.4, 1.9]
