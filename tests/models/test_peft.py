@@ -97,6 +97,7 @@ def test_bad_peft_fields_name_the_field(overrides, error):
     testing.tiny_model_config('local', peft=dict(dataclasses.asdict(LORA), **overrides))
 
 
+@pytest.mark.slow
 def test_training_updates_only_the_adapters(tmp_path):
   config = tiny_config(model__peft__method='lora', model__peft__rank=4, model__dtype='float32',
                        num_train_steps=6, learning_rate=1e-2)
