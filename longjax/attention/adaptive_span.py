@@ -134,4 +134,4 @@ SPEC = spec.KindSpec(
     'Adaptive attention span (Sukhbaatar et al. 2019)',
     cache_layout=cache_layout, decode_keys=decode_keys, learns_spans=True,
     tile=lambda settings: default_block(settings['max_span']),
-    keys_per_query=keys_per_query, budget_param='max_span')
+    keys_per_query=keys_per_query, budget_param='max_span', windowed=True)

@@ -98,4 +98,4 @@ SPEC = spec.KindSpec('chunked', chunked, ('chunk_size',), 'O(L c)',
                      cache_layout=cache_layout, decode_keys=decode_keys,
                      implementations=('xla', 'splash', 'pallas_gpu'),
                      tile=lambda settings: settings['chunk_size'],
-                     keys_per_query=keys_per_query, budget_param='chunk_size')
+                     keys_per_query=keys_per_query, budget_param='chunk_size', windowed=True)

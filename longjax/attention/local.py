@@ -199,4 +199,4 @@ SPEC = spec.KindSpec(
     cache_layout=cache_layout, decode_keys=decode_keys,
     implementations=('xla', 'cudnn', 'splash', 'pallas_gpu'),
     tile=lambda settings: default_block(settings['radius']),
-    keys_per_query=keys_per_query, budget_param='radius')
+    keys_per_query=keys_per_query, budget_param='radius', windowed=True)

@@ -185,6 +185,10 @@ class KindSpec:
   # and budget_param, the setting it grows with (None: nothing to set, full).
   keys_per_query: Optional[KeysFn] = None
   budget_param: Optional[str] = None
+  # Every key a query sees lies within a fixed distance of it (a sliding window,
+  # chunks, spans): a "local layer" for settings that differ by layer type (RoPE's
+  # base and scaling, as Gemma 3's local and global layers).
+  windowed: bool = False
 
   def settings(self, values) -> dict:
     """This kind's settings from any object (a typed config) or mapping holding them."""

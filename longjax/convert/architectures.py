@@ -209,6 +209,9 @@ def hf_config(model, architecture_name: str = '') -> dict:
   elif model.qkv_bias != (family == 'qwen2'):
     problems.append(f'model.qkv_bias={model.qkv_bias} ({name} '
                     f'{"has" if family == "qwen2" else "has no"} q/k/v biases)')
+  if kinds == {'local'} and (model.rope_local_max_wavelength not in (-1.0, model.rope_max_wavelength)
+                             or (not model.rope_scaling_local and model.rope_scaling != 'none')):
+    problems.append('a RoPE base or scaling of local layers of their own (HF decoders have one)')
   if kinds == {'local'} and family != 'mistral':
     problems.append('local attention (only MistralForCausalLM has a sliding window)')
   if problems:

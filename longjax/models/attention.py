@@ -51,11 +51,20 @@ class _Projections(nnx.Module):
   def _w(self, p):
     return p[...].astype(self.config.dtype)
 
-  def rope_frequencies(self):
-    """RoPE's frequency per feature pair, with the model's rope scaling (a constant)."""
+  def _rope_settings(self) -> tuple[float, str]:
+    """(RoPE base, scaling) of this layer: windowed layers may have their own."""
     c = self.config
+    if not self.spec.windowed:
+      return c.rope_max_wavelength, c.rope_scaling
+    base = c.rope_local_max_wavelength if c.rope_local_max_wavelength > 0 else c.rope_max_wavelength
+    return base, c.rope_scaling if c.rope_scaling_local else 'none'
+
+  def rope_frequencies(self):
+    """RoPE's frequency per feature pair, with the layer's base and scaling (a constant)."""
+    c = self.config
+    base, scaling = self._rope_settings()
     return layers.rope_frequencies(
-        c.head_dim, c.rope_max_wavelength, scaling=c.rope_scaling, factor=c.rope_scaling_factor,
+        c.head_dim, base, scaling=scaling, factor=c.rope_scaling_factor,
         low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor,
         original_max_len=c.rope_original_max_len, beta_fast=c.rope_beta_fast,
         beta_slow=c.rope_beta_slow)
@@ -132,7 +141,7 @@ class SelfAttention(_Projections):
       q = layers.apply_rope(q, positions, inv_freq)
       k = layers.apply_rope(k, positions, inv_freq)
       c = self.config
-      temperature = layers.rope_attention_factor(c.rope_scaling, c.rope_scaling_factor,
+      temperature = layers.rope_attention_factor(self._rope_settings()[1], c.rope_scaling_factor,
                                                  c.rope_attention_factor)
       if temperature != 1.0:  # YaRN: both rotated by its factor, as HF scales cos and sin
         q, k = (x * jnp.asarray(temperature, x.dtype) for x in (q, k))

@@ -111,6 +111,9 @@ class ModelConfig:
   rope_beta_fast: float = 32.0  # 'yarn': rotations below which dimensions are interpolated.
   rope_beta_slow: float = 1.0  # 'yarn': rotations above which dimensions are kept.
   rope_attention_factor: float = -1.0  # 'yarn': q and k multiplier; -1 = 0.1 ln(factor) + 1.
+  # Windowed layers (local, chunked, adaptive_span) may differ (Gemma 3's local layers):
+  rope_local_max_wavelength: float = -1.0  # their RoPE base; -1 = rope_max_wavelength.
+  rope_scaling_local: bool = True  # False: rope_scaling applies to the other layers only.
   norm_eps: float = 1e-6  # RMSNorm epsilon (HF's rms_norm_eps).
   # Divide the tied readout by sqrt(emb_dim) (T5, and longjax's unit-variance
   # embeddings); False: plain x E^T, as Llama / Qwen2 checkpoints with tied embeddings.
@@ -220,6 +223,9 @@ class ModelConfig:
     if isinstance(self.share_layers, bool) or not isinstance(self.share_layers, int) or (
         self.share_layers < 1):
       fail('share_layers', f'must be an int >= 1 (1: no sharing); got {self.share_layers!r}.')
+    if not (self.rope_local_max_wavelength > 0 or self.rope_local_max_wavelength == -1):
+      fail('rope_local_max_wavelength', f'must be > 0, or -1 (rope_max_wavelength); got '
+           f'{self.rope_local_max_wavelength}.')
     if not self.norm_eps > 0:
       fail('norm_eps', f'must be > 0; got {self.norm_eps}.')
     if self.mlp_activation not in MLP_ACTIVATIONS:

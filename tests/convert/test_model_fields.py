@@ -13,3 +13,9 @@ def test_bad_model_fields_name_the_field(overrides, error):
   from longjax.models import testing  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=error):
     testing.tiny_model_config('full', **overrides)
+
+
+def test_a_bad_local_rope_base_names_the_field():
+  from longjax.models import testing  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='model.rope_local_max_wavelength: must be > 0, or -1'):
+    testing.tiny_model_config('local', rope_local_max_wavelength=0.0)
