@@ -10,7 +10,6 @@ import glob
 import os
 from typing import Sequence
 
-from absl import flags
 
 
 class BadArgument(ValueError):
@@ -53,20 +52,9 @@ def plain_override(override: str) -> str:
 
 
 def load_config(config: str, arg: str, overrides: Sequence[str] = ()):
-  """The ConfigDict longjax.main would build from --config=config:arg --config.<override>...
-
-  Parsed by ml_collections exactly as longjax.main parses it (locked, so an
-  unknown field or a value of the wrong type raises).
-  """
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  argv = ['sweep', f'--config={config}:{arg}' if arg else f'--config={config}']
-  argv += [f'--config.{o}' for o in overrides]
-  flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file('config', None, 'the task config',
-                                           flag_values=flag_values, lock_config=True,
-                                           sys_argv=argv)
-  flag_values(argv)
-  return holder.value
+  """The ConfigDict longjax.main would build from --config=config:arg --config.<override>..."""
+  from longjax import configs  # pylint: disable=g-import-not-at-top
+  return configs.load(f'{config}:{arg}' if arg else config, overrides)
 
 
 def _unknown_field(config, field: str) -> str:

@@ -213,18 +213,6 @@ def get_config(arg=''):
 '''
 
 
-def load_config_file(spec: str, overrides=()):
-  """The locked ConfigDict longjax.main builds from --config=spec --config.<o>..."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  argv = ['convert', f'--config={spec}'] + [f'--config.{o}' for o in overrides]
-  values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file('config', None, 'the task config', flag_values=values,
-                                           lock_config=True, sys_argv=argv)
-  values(argv)
-  return holder.value
-
-
 def with_model(config, block: Mapping, overrides=()):
   """config with its model block's architecture fields replaced by `block`'s, except
   the attention fields `overrides` ('field=value' strings) set: an attention
@@ -264,7 +252,8 @@ def imported_config(workdir: str, arg: str = ''):
                      f'got {arg!r}. Override fields with --config.FIELD=VALUE.')
   with open(os.path.join(workdir, IMPORTED)) as f:
     record = json.load(f)
-  config = load_config_file(record['task'], record['overrides'])
+  from longjax import configs  # pylint: disable=g-import-not-at-top
+  config = configs.load(record['task'], record['overrides'])
   with config.unlocked():
     return with_model(config, record['model'], record['overrides'])
 

@@ -104,17 +104,22 @@ def weight_decay_mask(abstract_params: nnx.State) -> dict:
 SPAN_PARAM = 'span_fraction'
 
 
-def span_mask(abstract_params) -> Optional[dict]:
-  """True for adaptive span's `span_fraction` leaves; None when the model has none."""
+def _leaf_mask(abstract_params, selected) -> Optional[dict]:
+  """True for the leaves whose name `selected(name)` picks; None when it picks none."""
   params = (nnx.to_pure_dict(abstract_params) if isinstance(abstract_params, nnx.State)
             else abstract_params)
 
-  def is_span(path, _):
+  def pick(path, _):
     last = path[-1] if path else None
-    return getattr(last, 'key', getattr(last, 'name', None)) == SPAN_PARAM
+    return bool(selected(getattr(last, 'key', getattr(last, 'name', None))))
 
-  mask = jax.tree_util.tree_map_with_path(is_span, params)
+  mask = jax.tree_util.tree_map_with_path(pick, params)
   return mask if any(jax.tree.leaves(mask)) else None
+
+
+def span_mask(abstract_params) -> Optional[dict]:
+  """True for adaptive span's `span_fraction` leaves; None when the model has none."""
+  return _leaf_mask(abstract_params, lambda name: name == SPAN_PARAM)
 
 
 def clamp_spans(inner: optax.GradientTransformation, mask, low: float = 0.0,
@@ -164,11 +169,7 @@ def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule, decay_mask
 def adapter_mask(abstract_params) -> Optional[dict]:
   """True for LoRA adapters (models/peft.py); None when the model has none."""
   from longjax.models import peft  # pylint: disable=g-import-not-at-top
-  params = (nnx.to_pure_dict(abstract_params) if isinstance(abstract_params, nnx.State)
-            else abstract_params)
-  mask = jax.tree_util.tree_map_with_path(
-      lambda path, _: peft.is_adapter([getattr(path[-1], 'key', path[-1])]), params)
-  return mask if any(jax.tree.leaves(mask)) else None
+  return _leaf_mask(abstract_params, lambda name: peft.is_adapter([name]))
 
 
 def adapters_only(inner: optax.GradientTransformation, mask) -> optax.GradientTransformation:
