@@ -35,12 +35,17 @@ def _per_head(x, kv_heads):
 
 def _group_part(qg, group: KeyGroup, bias_fn) -> _core.Part:
   """One key group as a Part; qg [b, kv_heads, g, 1, d], already scaled."""
-  kv_heads, size = qg.shape[1], qg.shape[2]
-  scores = jnp.einsum('bhgqd,bhnd->bhgqn', qg, group.k, preferred_element_type=jnp.float32)
+  batch, kv_heads, size, _, dim = qg.shape
+  n = group.k.shape[2]
+  # The products over rows and heads merged ([b * kv_heads, ...], the cache's own
+  # layout, `longjax.models.cache.KVBuffer`): with no size-1 axis for XLA to drop,
+  # they read the cache buffer written this step in place rather than a copy.
+  merged = lambda x: x.reshape((batch * kv_heads,) + x.shape[2:])
+  scores = jnp.einsum('xgd,xnd->xgn', merged(qg[:, :, :, 0]), merged(group.k),
+                      preferred_element_type=jnp.float32).reshape(batch, kv_heads, size, 1, n)
   if bias_fn is not None and group.rel is not None:
     bias = bias_fn(jnp.asarray(group.rel, jnp.int32)).astype(jnp.float32)  # [b, n, heads]
-    b, n, _ = bias.shape
-    scores = scores + jnp.moveaxis(bias, 1, 2).reshape(b, kv_heads, size, 1, n)
+    scores = scores + jnp.moveaxis(bias, 1, 2).reshape(batch, kv_heads, size, 1, n)
   if group.log_weight is not None:
     scores = scores + _per_head(group.log_weight.astype(jnp.float32), kv_heads)
   if group.bias is not None:
@@ -48,8 +53,9 @@ def _group_part(qg, group: KeyGroup, bias_fn) -> _core.Part:
   weight = None if group.weight is None else _per_head(
       group.weight.astype(jnp.float32), kv_heads)
   row_max, probs, row_sum = _core.softmax_stats(scores, _per_head(group.mask, kv_heads), weight)
-  out = jnp.einsum('bhgqn,bhnd->bhgqd', probs.astype(group.v.dtype), group.v,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum('xgn,xnd->xgd', merged(probs[:, :, :, 0].astype(group.v.dtype)),
+                   merged(group.v), preferred_element_type=jnp.float32)
+  out = out.reshape(batch, kv_heads, size, 1, dim)
   return _core.Part(row_max, row_sum, out)
 
 

@@ -5,7 +5,9 @@ Llama 2/3, Mistral and Qwen2 are longjax's `TransformerLM` exactly: pre-norm
 blocks of RMSNorm (HF's `rms_norm_eps` -> `model.norm_eps`), grouped-query
 attention with RoPE (HF's `rotate_half` pairs feature i with i + d/2, as
 `layers.apply_rope`; `rope_theta` -> `model.rope_max_wavelength`,
-`rope_scaling` linear / llama3 -> `model.rope_scaling`), a SwiGLU MLP
+`rope_scaling` linear / llama3 / yarn / dynamic -> `model.rope_scaling`; dynamic
+NTK's original length is `max_position_embeddings`, and the imported model's
+max_len is factor times it), a SwiGLU MLP
 (down(silu(gate x) * up x)), a final norm and an untied or tied readout (tied:
 plain x E^T, `model.scale_tied_logits = False`). Per architecture:
   * Mistral's `sliding_window` W: query i sees keys i - W < j <= i (HF's
@@ -85,8 +87,15 @@ def _rope_scaling(hf_config: Mapping) -> dict:
                 rope_beta_fast=float(scaling.get('beta_fast') or 32.0),
                 rope_beta_slow=float(scaling.get('beta_slow') or 1.0),
                 rope_attention_factor=float(scaling.get('attention_factor') or -1.0))
+  if kind == 'dynamic':
+    # transformers' dynamic NTK grows the base beyond max_position_embeddings (its
+    # original length); the model may then run `factor` times longer (model.max_len).
+    original = int(hf_config.get('max_position_embeddings', 2048))
+    return dict(rope_scaling='dynamic', rope_scaling_factor=float(scaling['factor']),
+                rope_original_max_len=original,
+                max_len=int(round(original * float(scaling['factor']))))
   raise HFFormatError(f'config.json rope_scaling.rope_type={kind!r} is not supported (longjax '
-                      'has none, linear, llama3 and yarn; dynamic NTK is not written yet).')
+                      'has none, linear, llama3, yarn and dynamic).')
 
 
 def model_block(hf_config: Mapping) -> dict:
@@ -112,11 +121,11 @@ def model_block(hf_config: Mapping) -> dict:
       head_dim=int(hf_config.get('head_dim') or emb // heads),
       mlp_dim=int(hf_config['intermediate_size']), mlp_activation='swiglu',
       vocab_size=int(hf_config['vocab_size']),
-      max_len=int(hf_config.get('max_position_embeddings', 2048)),
       tie_embeddings=bool(hf_config.get('tie_word_embeddings', False)), scale_tied_logits=False,
       positions='rope', rope_max_wavelength=float(hf_config.get('rope_theta', 10_000.0)),
       norm_eps=float(hf_config.get('rms_norm_eps', 1e-6)), qkv_bias=family == 'qwen2',
-      dropout_rate=0.0, **_rope_scaling(hf_config))
+      dropout_rate=0.0, **{'max_len': int(hf_config.get('max_position_embeddings', 2048)),
+                           **_rope_scaling(hf_config)})
   window = hf_config.get('sliding_window') if family == 'mistral' else None
   block['attention'] = (dict(kind='local', radius=int(window) - 1, layer_pattern=())
                         if window else dict(kind='full', layer_pattern=()))
@@ -221,7 +230,8 @@ def hf_config(model, architecture_name: str = '') -> dict:
       num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
       num_key_value_heads=model.num_kv_heads, head_dim=model.head_dim,
       intermediate_size=model.mlp_dim, hidden_act='silu', vocab_size=model.vocab_size,
-      max_position_embeddings=model.max_len, rms_norm_eps=model.norm_eps,
+      max_position_embeddings=(model.rope_original_max_len if model.rope_scaling == 'dynamic'
+                               else model.max_len), rms_norm_eps=model.norm_eps,
       rope_theta=model.rope_max_wavelength, torch_dtype='float32',
       tie_word_embeddings=bool(model.tie_embeddings and not model.scale_tied_logits),
       rope_scaling=_hf_rope_scaling(model), attention_dropout=0.0)
@@ -237,8 +247,8 @@ def hf_config(model, architecture_name: str = '') -> dict:
 def _hf_rope_scaling(model):
   if model.rope_scaling == 'none':
     return None
-  if model.rope_scaling == 'linear':
-    return dict(rope_type='linear', factor=model.rope_scaling_factor)
+  if model.rope_scaling in ('linear', 'dynamic'):
+    return dict(rope_type=model.rope_scaling, factor=model.rope_scaling_factor)
   if model.rope_scaling == 'yarn':
     return dict(rope_type='yarn', factor=model.rope_scaling_factor,
                 original_max_position_embeddings=model.rope_original_max_len,

@@ -6,7 +6,7 @@ Both drive a step function
 
 that feeds one token per row at its position and returns the logits of the
 next one, with any pytree `cache` whose leaves all have the rows as their
-leading axis. Shapes stay static: a `jax.lax.while_loop` runs at most
+leading axis (alone, or merged row-major with a further axis: [rows * m, ...]). Shapes stay static: a `jax.lax.while_loop` runs at most
 `max_decode_len` steps and stops early once every row is done; rows that are
 done keep producing padding.
 
@@ -136,15 +136,32 @@ def length_penalty(length, alpha: float):
   return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
-def expand_beams(tree, beam_size: int):
-  """Repeats every leaf's rows beam_size times: [b, ...] -> [b * beam_size, ...]."""
-  return jax.tree.map(lambda x: jnp.repeat(x, beam_size, axis=0), tree)
+def _by_rows(fn, x, rows: int):
+  """fn on x's rows: a leading axis of rows * m (rows merged with a further axis,
+  row-major, as the caches' window buffers) is split into [rows, m] around fn."""
+  if x.shape[0] == rows:
+    return fn(x)
+  y = fn(x.reshape((rows, x.shape[0] // rows) + x.shape[1:]))
+  return y.reshape((-1,) + x.shape[1:])
+
+
+def expand_beams(tree, beam_size: int, rows: Optional[int] = None):
+  """Repeats every leaf's rows beam_size times: [b, ...] -> [b * beam_size, ...].
+
+  rows: b, where some leaves merge the rows with a further axis ([b * m, ...]);
+  None: every leading axis is b.
+  """
+  if rows is None:
+    return jax.tree.map(lambda x: jnp.repeat(x, beam_size, axis=0), tree)
+  return jax.tree.map(lambda x: _by_rows(lambda y: jnp.repeat(y, beam_size, axis=0), x, rows),
+                      tree)
 
 
 def _gather_beams(tree, origin, batch: int, beam_size: int):
-  """Leaves [b * beam, ...]: row (i, j) takes row (i, origin[i, j])."""
+  """Leaves [b * beam, ...] (or [b * beam * m, ...]): row (i, j) takes row (i, origin[i, j])."""
   flat = (jnp.arange(batch)[:, None] * beam_size + origin).reshape(-1)
-  return jax.tree.map(lambda x: jnp.take(x, flat, axis=0), tree)
+  return jax.tree.map(lambda x: _by_rows(lambda y: jnp.take(y, flat, axis=0), x,
+                                         batch * beam_size), tree)
 
 
 def _top(scores, k, *arrays):
@@ -181,7 +198,7 @@ def beam_search(step_fn: StepFn, first_logits, cache, *, start_positions, beam_s
       fin_scores=jnp.full((batch, k), NEG_INF, jnp.float32),
       fin_count=jnp.zeros((batch,), jnp.int32),
       next_lp=jnp.broadcast_to(first[:, None], (batch, k, vocab)),
-      cache=expand_beams(cache, k),
+      cache=expand_beams(cache, k, rows=batch),
   )
 
   def emit(state):

@@ -15,6 +15,8 @@ cache with the entry's decode rule, exactly as the kernel would.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -59,15 +61,16 @@ class _Projections(nnx.Module):
     base = c.rope_local_max_wavelength if c.rope_local_max_wavelength > 0 else c.rope_max_wavelength
     return base, c.rope_scaling if c.rope_scaling_local else 'none'
 
-  def rope_frequencies(self):
-    """RoPE's frequency per feature pair, with the layer's base and scaling (a constant)."""
+  def rope_frequencies(self, length: Optional[int] = None):
+    """RoPE's frequency per feature pair, with the layer's base and scaling (a
+    constant); length: what the model runs at, for dynamic NTK."""
     c = self.config
     base, scaling = self._rope_settings()
     return layers.rope_frequencies(
         c.head_dim, base, scaling=scaling, factor=c.rope_scaling_factor,
         low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor,
         original_max_len=c.rope_original_max_len, beta_fast=c.rope_beta_fast,
-        beta_slow=c.rope_beta_slow)
+        beta_slow=c.rope_beta_slow, length=length)
 
   def _project(self, x, w, bias: str):
     """x [b, l, e] @ w [e, heads, d] (+ the projection's bias, model.qkv_bias)."""
@@ -127,9 +130,17 @@ class SelfAttention(_Projections):
   def has_global_projections(self) -> bool:
     return self.spec.global_projections and self.config.attention.global_projections
 
-  def project(self, x, positions, *, global_rows: bool = False):
+  def project(self, x, positions, *, global_rows: bool = False, length: Optional[int] = None):
     """Queries, keys and values [b, l, heads, d] (RoPE applied); global_rows:
-    those of the separate global projections."""
+    those of the separate global projections.
+
+    length: the sequence length the model runs at, for a length-dependent RoPE
+    (dynamic NTK): by default l, as transformers' max(position) + 1 over a
+    whole row; decoding passes the cache's length (prompt and generation), so
+    that the prompt's cached keys and every generated token share one set of
+    frequencies (transformers instead recomputes them as the generation grows,
+    leaving the cached keys rotated with the older ones).
+    """
     wq, wk, wv = ((self.wq_global, self.wk_global, self.wv_global) if global_rows
                   else (self.wq, self.wk, self.wv))
     if global_rows:  # Longformer's global projections have no biases
@@ -137,7 +148,7 @@ class SelfAttention(_Projections):
     else:
       q, k, v = (self._project(x, w, b) for w, b in ((wq, 'bq'), (wk, 'bk'), (wv, 'bv')))
     if self.config.positions == 'rope':
-      inv_freq = self.rope_frequencies()
+      inv_freq = self.rope_frequencies(length or positions.shape[1])
       q = layers.apply_rope(q, positions, inv_freq)
       k = layers.apply_rope(k, positions, inv_freq)
       c = self.config
@@ -176,9 +187,10 @@ class SelfAttention(_Projections):
     return self.spec.accepts_global_mask and self.config.attention.global_tokens == 'marked'
 
   def _attend(self, x, positions, q, k, v, *, segment_ids, global_mask, bias_fn,
-              summary_bias_fn):
+              summary_bias_fn, length: Optional[int] = None):
     """The kernel over q, k, v of inputs x: (out [b, l, heads, d], aux with the span
-    penalty, extra: what the layer formed for the kernel — summaries, global q/k/v)."""
+    penalty, extra: what the layer formed for the kernel — summaries, global q/k/v;
+    length: as in `project`)."""
     spec = self.spec
     settings = spec.settings(self.config.attention)
     aux, extra = {}, {}
@@ -192,7 +204,7 @@ class SelfAttention(_Projections):
       extra['global_mask'] = global_mask.astype(bool)
     functions = {}
     if self.has_global_projections:
-      extra['global_qkv'] = self.project(x, positions, global_rows=True)
+      extra['global_qkv'] = self.project(x, positions, global_rows=True, length=length)
     if spec.summary_layout is not None:
       extra['summary_k'], extra['summary_v'] = self.summaries(x, segment_ids)
       functions['summary_bias_fn'] = summary_bias_fn
@@ -245,7 +257,8 @@ class SelfAttention(_Projections):
     """An empty cache for positions 0..max_length-1 (cache_dtype: 'auto' or 'int8')."""
     return kv_cache.init(self.cache_layout(max_length), batch, self.config.num_kv_heads,
                          self.config.head_dim, self.config.dtype, emb_dim=self.config.emb_dim,
-                         heads=self.config.num_heads, cache_dtype=cache_dtype)
+                         heads=self.config.num_heads, cache_dtype=cache_dtype
+                         ).replace(length=max_length)
 
   def prefill(self, x, *, positions, lengths, max_length: int, bias_fn=None,
               summary_bias_fn=None, cache_dtype: str = 'auto'):
@@ -255,18 +268,19 @@ class SelfAttention(_Projections):
     real lengths -> ([b, l, emb], LayerCache for positions up to max_length - 1).
     """
     layout = self.cache_layout(max_length)
-    q, k, v = self.project(x, positions)
+    q, k, v = self.project(x, positions, length=max_length)
     out, _, formed = self._attend(x, positions, q, k, v, segment_ids=None, global_mask=None,
-                                  bias_fn=bias_fn, summary_bias_fn=summary_bias_fn)
+                                  bias_fn=bias_fn, summary_bias_fn=summary_bias_fn,
+                                  length=max_length)
     # The cache takes what the kernel was given, not a second computation of it.
     summaries = global_kv = None
     if 'summary_k' in formed:
       summaries = (formed['summary_k'], formed['summary_v'], x)
     if 'global_qkv' in formed:
       global_kv = formed['global_qkv'][1:]
-    return self.output(out), kv_cache.from_prompt(layout, k, v, lengths, summaries=summaries,
-                                                  global_kv=global_kv, queries=q,
-                                                  cache_dtype=cache_dtype)
+    cache = kv_cache.from_prompt(layout, k, v, lengths, summaries=summaries, global_kv=global_kv,
+                                 queries=q, cache_dtype=cache_dtype)
+    return self.output(out), cache.replace(length=max_length)
 
   def decode_step(self, x, *, positions, cache: kv_cache.LayerCache, bias_fn=None,
                   summary_bias_fn=None):
@@ -274,11 +288,12 @@ class SelfAttention(_Projections):
 
     Equals the row of __call__ at that position over the same tokens.
     """
-    q, k, v = self.project(x, positions[:, None])
+    q, k, v = self.project(x, positions[:, None], length=cache.length)
     summarize = self.summary_kv if self.spec.summary_layout is not None else None
     global_q = global_kv = None
     if self.has_global_projections:
-      global_q, k_g, v_g = self.project(x, positions[:, None], global_rows=True)
+      global_q, k_g, v_g = self.project(x, positions[:, None], global_rows=True,
+                                        length=cache.length)
       global_kv = (k_g[:, 0], v_g[:, 0])
     cache = kv_cache.append(cache, k[:, 0], v[:, 0], positions, x=x[:, 0], summarize=summarize,
                             global_kv=global_kv, q=q[:, 0])
@@ -291,7 +306,7 @@ class SelfAttention(_Projections):
     if global_q is not None:  # a query that is a global token: its own projections
       g = cache.global_kv
       groups, is_global = self.spec.decode_global_keys(
-          self.spec.settings(self.config.attention), kernels.Slots(g.k, g.v, g.pos), positions)
+          self.spec.settings(self.config.attention), g.heads(), positions)
       out = jnp.where(is_global[:, None, None],
                       cached.attend(global_q[:, 0], groups, bias_fn=bias_fn), out)
     return self.output(out[:, None]), cache

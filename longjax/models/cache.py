@@ -1,8 +1,9 @@
 """Key/value caches for decoding token by token, one per self-attention layer.
 
-A cache is a position-tagged buffer: keys and values [batch, kv_heads, slots,
-head_dim] (keys after RoPE at their absolute position; heads-major, so that a
-query's scores are one batched matrix-vector product over contiguous keys)
+A cache is a position-tagged buffer: keys and values [batch * kv_heads, slots,
+head_dim] (keys after RoPE at their absolute position; rows and heads merged,
+so that a query's scores are one batched matrix-vector product over contiguous
+keys, read in place: see KVBuffer)
 and the absolute position held by each slot (-1 = empty). A position p goes to slot
 
     p                                   if p < pinned
@@ -40,10 +41,20 @@ from longjax.attention.spec import CacheLayout, KindSpec, Slots
 
 
 class KVBuffer(NamedTuple):
-  """k, v: [batch, kv_heads, slots, head_dim]; pos: [batch, slots] int32 (-1 empty).
+  """k, v: [batch * kv_heads, slots, head_dim], the rows and heads merged
+  (row-major); pos: [batch, slots] int32 (-1 empty).
+
+  Why merged: every decoding step writes one slot of these buffers in place
+  and reads all of them in a matrix-vector product. With a size-1 axis
+  (batch 1), XLA's CPU compiler drops it from the product's operand, a reshape
+  it fuses with the step's write, which then writes a fresh copy of the whole
+  buffer every step (5x slower at 16k with batch 1, benchmarks/decode.py).
+  Merged, the product reads the written buffer itself; `heads()` gives the
+  [batch, kv_heads, slots, head_dim] view the decode rules take, and
+  `cached.attend` merges it back (reshapes that cancel).
 
   Quantized (decode.kv_cache_dtype = 'int8'; the window buffer only): k and v
-  are int8 and k_scale, v_scale [batch, kv_heads, slots] float32 hold each
+  are int8 and k_scale, v_scale [batch * kv_heads, slots] float32 hold each
   token's and head's scale, key = k * k_scale (symmetric, max |x| / 127).
   """
   k: jax.Array
@@ -51,6 +62,15 @@ class KVBuffer(NamedTuple):
   pos: jax.Array
   k_scale: Optional[jax.Array] = None
   v_scale: Optional[jax.Array] = None
+
+  def heads(self, dtype=None) -> Slots:
+    """The buffer as Slots, k and v [batch, kv_heads, slots, head_dim] (int8
+    dequantized to `dtype`)."""
+    k, v = self.k, self.v
+    if self.k_scale is not None:  # dequantized as it is read (fused into the products)
+      k, v = dequantize(k, self.k_scale, dtype), dequantize(v, self.v_scale, dtype)
+    batch = self.pos.shape[0]
+    return Slots(_split_rows(k, batch), _split_rows(v, batch), self.pos)
 
 
 CACHE_DTYPES = ('auto', 'int8')  # 'auto': the model's compute dtype
@@ -96,15 +116,39 @@ class PooledBuffer(NamedTuple):
 @struct.dataclass
 class LayerCache:
   """The cache of one self-attention layer: a window buffer and pooled buffers
-  (and, for separate global projections, their keys/values of the pinned positions)."""
+  (and, for separate global projections, their keys/values of the pinned
+  positions). length: the positions it is made for, 0..length-1 (the model
+  sets it; a length-dependent RoPE, dynamic NTK, rotates by it)."""
   window: KVBuffer
   pooled: tuple[PooledBuffer, ...]
   layout: CacheLayout = struct.field(pytree_node=False)
   global_kv: Optional[KVBuffer] = None
+  length: int = struct.field(pytree_node=False, default=0)
 
 
 def _constrain(buffer):
   return sharding.constrain(buffer, ('batch', 'kv_heads', 'kv_length', 'kv'))
+
+
+def _merge_rows(x):
+  """[batch, kv_heads, slots, ...] -> [batch * kv_heads, slots, ...] (KVBuffer's layout)."""
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _split_rows(x, batch: int):
+  """[batch * kv_heads, slots, ...] -> [batch, kv_heads, slots, ...], laid out as training's."""
+  x = x.reshape((batch, x.shape[0] // batch) + x.shape[1:])
+  return _constrain(x) if x.ndim == 4 else x
+
+
+def _write_slot(buffer, slot, value):
+  """buffer[r * kv_heads + h, slot[r]] = value[r, h] for a merged buffer
+  [batch * kv_heads, slots, ...] and value [batch, kv_heads, ...]: one scatter,
+  in place in the decoding loop (the slots are in range by construction)."""
+  batch, kv_heads = value.shape[:2]
+  merged = jnp.arange(batch * kv_heads)
+  return buffer.at[merged, jnp.repeat(slot, kv_heads)].set(
+      _merge_rows(value[:, :, None])[:, 0].astype(buffer.dtype), mode='promise_in_bounds')
 
 
 def init(layout: CacheLayout, batch: int, kv_heads: int, head_dim: int, dtype, *,
@@ -114,7 +158,8 @@ def init(layout: CacheLayout, batch: int, kv_heads: int, head_dim: int, dtype, *
   heads: the query heads, for layouts with pool_queries; cache_dtype 'int8': the
   window buffer quantized)."""
   zeros = lambda slots: jnp.zeros((batch, kv_heads, slots, head_dim), dtype)
-  window = KVBuffer(zeros(layout.slots), zeros(layout.slots),
+  merged = lambda slots: jnp.zeros((batch * kv_heads, slots, head_dim), dtype)
+  window = KVBuffer(merged(layout.slots), merged(layout.slots),
                     jnp.full((batch, layout.slots), -1, jnp.int32))
   if _check_dtype(cache_dtype) == 'int8':
     window = _quantized_window(window)
@@ -132,7 +177,7 @@ def init(layout: CacheLayout, batch: int, kv_heads: int, head_dim: int, dtype, *
   global_kv = None
   if layout.global_slots:
     n = layout.global_slots
-    global_kv = KVBuffer(zeros(n), zeros(n), jnp.full((batch, n), -1, jnp.int32))
+    global_kv = KVBuffer(merged(n), merged(n), jnp.full((batch, n), -1, jnp.int32))
   pooled = tuple(empty(n) for n in layout.pool_slots)
   if layout.pool_queries:
     if heads is None:
@@ -188,7 +233,8 @@ def from_prompt(layout: CacheLayout, k, v, lengths, *, summaries=None,
   lengths = jnp.asarray(lengths, jnp.int32)
   pos = _ring_fill(lengths, layout.pinned, layout.ring, layout.slots)
   held = pos >= 0
-  window = KVBuffer(_gather_slots(k, pos, held), _gather_slots(v, pos, held), pos)
+  window = KVBuffer(_merge_rows(_gather_slots(k, pos, held)),
+                    _merge_rows(_gather_slots(v, pos, held)), pos)
   if _check_dtype(cache_dtype) == 'int8':
     window = _quantized_window(window)
   if layout.pool_from_inputs:
@@ -207,8 +253,8 @@ def from_prompt(layout: CacheLayout, k, v, lengths, *, summaries=None,
       raise ValueError('This layout keeps global keys/values: pass global_kv=.')
     pos = _ring_fill(lengths, layout.global_slots, 0, layout.global_slots)
     held = pos >= 0
-    pinned = KVBuffer(_gather_slots(global_kv[0], pos, held),
-                      _gather_slots(global_kv[1], pos, held), pos)
+    pinned = KVBuffer(_merge_rows(_gather_slots(global_kv[0], pos, held)),
+                      _merge_rows(_gather_slots(global_kv[1], pos, held)), pos)
   return LayerCache(window, pooled, layout, pinned)
 
 
@@ -285,14 +331,13 @@ def append(cache: LayerCache, k, v, positions, *, x=None,
     slot = jnp.where(positions < layout.pinned, positions, ring_slot)
   w = cache.window
   if w.k_scale is None:
-    window = KVBuffer(_set_slot(w.k, slot, k), _set_slot(w.v, slot, v),
+    window = KVBuffer(_write_slot(w.k, slot, k), _write_slot(w.v, slot, v),
                       _rows_set(w.pos, slot, positions))
   else:  # int8: the token's key and value quantized with their own scales
     (qk, sk), (qv, sv) = quantize(k), quantize(v)
-    rows = jnp.arange(slot.shape[0])
-    window = KVBuffer(_set_slot(w.k, slot, qk), _set_slot(w.v, slot, qv),
+    window = KVBuffer(_write_slot(w.k, slot, qk), _write_slot(w.v, slot, qv),
                       _rows_set(w.pos, slot, positions),
-                      w.k_scale.at[rows, :, slot].set(sk), w.v_scale.at[rows, :, slot].set(sv))
+                      _write_slot(w.k_scale, slot, sk), _write_slot(w.v_scale, slot, sv))
   if layout.pool_from_inputs:
     if x is None or summarize is None:
       raise ValueError('This layout forms its summaries from inputs: pass x= and summarize=.')
@@ -307,16 +352,17 @@ def append(cache: LayerCache, k, v, positions, *, x=None,
   if layout.global_slots:
     if global_kv is None:
       raise ValueError('This layout keeps global keys/values: pass global_kv=.')
-    # Only positions < global_slots are kept: later ones write out of range (dropped).
-    slot = jnp.where(positions < layout.global_slots, positions, layout.global_slots)
+    # Only positions < global_slots are kept: later rows keep their buffer.
+    kept = positions < layout.global_slots
+    slot = jnp.minimum(positions, layout.global_slots - 1)
     rows = jnp.arange(positions.shape[0])
+    keep = lambda new, old: jnp.where(kept.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    old = pinned.heads()
     pinned = KVBuffer(
-        _constrain(pinned.k.at[rows, :, slot].set(global_kv[0].astype(pinned.k.dtype),
-                                                  mode='drop')),
-        _constrain(pinned.v.at[rows, :, slot].set(global_kv[1].astype(pinned.v.dtype),
-                                                  mode='drop')),
-        pinned.pos.at[rows, slot].set(positions, mode='drop'))
-  return LayerCache(window, pooled, layout, pinned)
+        _write_slot(pinned.k, slot, keep(global_kv[0], _get_slot(old.k, slot))),
+        _write_slot(pinned.v, slot, keep(global_kv[1], _get_slot(old.v, slot))),
+        _rows_set(pinned.pos, slot, keep(positions, old.held[rows, slot])))
+  return cache.replace(window=window, pooled=pooled, global_kv=pinned)
 
 
 def _close_groups(buffer: PooledBuffer, size: int, positions, key, value):
@@ -383,12 +429,8 @@ def attend(cache: LayerCache, q, positions, *, kind: KindSpec, settings, bias_fn
   [batch, heads, head_dim].
   """
   positions = jnp.asarray(positions, jnp.int32)
-  w = cache.window
-  k, v = w.k, w.v
-  if w.k_scale is not None:  # int8 window: dequantized as it is read (fused into the dots)
-    k, v = dequantize(k, w.k_scale, q.dtype), dequantize(v, w.v_scale, q.dtype)
   pooled = tuple(Slots(p.k, p.v, p.group, p.query) for p in cache.pooled)
-  groups = kind.decode_keys(settings, Slots(k, v, w.pos), pooled, positions, **extra)
+  groups = kind.decode_keys(settings, cache.window.heads(q.dtype), pooled, positions, **extra)
   return cached.attend(q, groups, bias_fn=bias_fn)
 
 

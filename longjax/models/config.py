@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from longjax import attention
 
 POSITIONS = ('rope', 't5_bias', 'learned')
-ROPE_SCALINGS = ('none', 'linear', 'llama3', 'yarn')
+ROPE_SCALINGS = ('none', 'linear', 'llama3', 'yarn', 'dynamic')
 # model.tile_tokens = -1: the default tiling. Untiled, the MLP's hidden
 # activations (3 x mlp_dim per token) and the fp32 logits are among the
 # largest arrays of a long step; 4k-token tiles bound them at a few MB
@@ -102,12 +102,13 @@ class ModelConfig:
   # RoPE frequency scaling for context extension (layers.rope_frequencies):
   # 'none'; 'linear' (position interpolation, Chen et al. 2023: positions / factor);
   # 'llama3' (Llama 3.1: long wavelengths / factor, short kept, a smooth band between);
-  # 'yarn' (Peng et al. 2023: interpolation ramped over dimensions, attention temperature).
+  # 'yarn' (Peng et al. 2023: interpolation ramped over dimensions, attention temperature);
+  # 'dynamic' (dynamic NTK: the base grows with the length run, beyond rope_original_max_len).
   rope_scaling: str = 'none'
-  rope_scaling_factor: float = 1.0  # 'linear', 'llama3', 'yarn': the context extension factor.
+  rope_scaling_factor: float = 1.0  # 'linear', 'llama3', 'yarn', 'dynamic': the extension factor.
   rope_low_freq_factor: float = 1.0  # 'llama3': wavelengths beyond original_max_len / this are scaled.
   rope_high_freq_factor: float = 4.0  # 'llama3': wavelengths below original_max_len / this are kept.
-  rope_original_max_len: int = 8192  # 'llama3', 'yarn': the pretrained context length.
+  rope_original_max_len: int = 8192  # 'llama3', 'yarn', 'dynamic': the pretrained context length.
   rope_beta_fast: float = 32.0  # 'yarn': rotations below which dimensions are interpolated.
   rope_beta_slow: float = 1.0  # 'yarn': rotations above which dimensions are kept.
   rope_attention_factor: float = -1.0  # 'yarn': q and k multiplier; -1 = 0.1 ln(factor) + 1.
@@ -220,6 +221,9 @@ class ModelConfig:
       fail('rope_low_freq_factor', f'llama3 scaling needs 0 < rope_low_freq_factor < '
            f'rope_high_freq_factor; got {self.rope_low_freq_factor}, '
            f'{self.rope_high_freq_factor}.')
+    if self.rope_scaling in ('llama3', 'yarn', 'dynamic') and self.rope_original_max_len < 1:
+      fail('rope_original_max_len', f'{self.rope_scaling} scaling needs the pretrained length '
+           f'(>= 1); got {self.rope_original_max_len}.')
     if isinstance(self.share_layers, bool) or not isinstance(self.share_layers, int) or (
         self.share_layers < 1):
       fail('share_layers', f'must be an int >= 1 (1: no sharing); got {self.share_layers!r}.')

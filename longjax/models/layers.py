@@ -150,7 +150,8 @@ class MLP(nnx.Module):
 def rope_frequencies(head_dim: int, max_wavelength: float, *, scaling: str = 'none',
                      factor: float = 1.0, low_freq_factor: float = 1.0,
                      high_freq_factor: float = 4.0, original_max_len: int = 8192,
-                     beta_fast: float = 32.0, beta_slow: float = 1.0) -> np.ndarray:
+                     beta_fast: float = 32.0, beta_slow: float = 1.0,
+                     length: Optional[int] = None) -> np.ndarray:
   """float32 [head_dim / 2]: RoPE's angular frequency of each feature pair.
 
   theta_i = max_wavelength^(-2i/d) (Su et al. 2021), then, for a context extended
@@ -167,11 +168,20 @@ def rope_frequencies(head_dim: int, max_wavelength: float, *, scaling: str = 'no
       it turns more than beta_fast times over original_max_len, takes theta_i /
       factor where it turns fewer than beta_slow times, and a linear ramp over the
       (floored / ceiled) dimension range between; its attention temperature is
-      `rope_attention_factor`.
+      `rope_attention_factor`;
+    * 'dynamic': dynamic NTK (bloc97 2023; transformers'
+      `_compute_dynamic_ntk_parameters`): for a sequence of `length` L beyond
+      original_max_len the base grows to base (factor L / original_max_len -
+      (factor - 1)) ** (d / (d - 2)); up to original_max_len it is unchanged.
+      `length` is the length the model runs at (see `Attention.project`).
   """
+  if scaling == 'dynamic':
+    length = max(length or original_max_len, original_max_len)
+    max_wavelength = max_wavelength * ((factor * length / original_max_len) - (factor - 1)) ** (
+        head_dim / (head_dim - 2))
   inv_freq = (1.0 / max_wavelength ** (np.arange(0, head_dim, 2, dtype=np.float32)
                                        / np.float32(head_dim))).astype(np.float32)
-  if scaling == 'none':
+  if scaling in ('none', 'dynamic'):
     return inv_freq
   if scaling == 'linear':
     return (inv_freq / factor).astype(np.float32)
@@ -189,7 +199,8 @@ def rope_frequencies(head_dim: int, max_wavelength: float, *, scaling: str = 'no
     keep = (1 - ramp).astype(np.float32)
     return (inv_freq / factor * (1 - keep) + inv_freq * keep).astype(np.float32)
   if scaling != 'llama3':
-    raise ValueError(f'rope scaling {scaling!r} is not one of none, linear, llama3, yarn.')
+    raise ValueError(f'rope scaling {scaling!r} is not one of none, linear, llama3, yarn, '
+                     'dynamic.')
   wavelength = 2 * np.pi / inv_freq
   long = wavelength > original_max_len / low_freq_factor
   short = wavelength < original_max_len / high_freq_factor

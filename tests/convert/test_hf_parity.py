@@ -37,6 +37,10 @@ CASES = {
             rope_type='yarn', factor=4.0, original_max_position_embeddings=32))),
     'llama_linear': ('LlamaConfig', 'LlamaForCausalLM', dict(
         tie_word_embeddings=False, rope_scaling=dict(rope_type='linear', factor=4.0))),
+    # Dynamic NTK acts beyond max_position_embeddings: 32 < the 96 tokens run.
+    'llama_dynamic': ('LlamaConfig', 'LlamaForCausalLM', dict(
+        tie_word_embeddings=False, max_position_embeddings=32,
+        rope_scaling=dict(rope_type='dynamic', factor=4.0))),
     'mistral_window': ('MistralConfig', 'MistralForCausalLM', dict(
         sliding_window=8, tie_word_embeddings=False)),
     'qwen2': ('Qwen2Config', 'Qwen2ForCausalLM', dict(tie_word_embeddings=True)),
@@ -45,7 +49,7 @@ CASES = {
 
 def save_reference(case: str, directory: str):
   config_class, model_class, extra = CASES[case]
-  config = getattr(transformers, config_class)(**TINY, **extra)
+  config = getattr(transformers, config_class)(**{**TINY, **extra})
   if case == 'mistral_window':
     config._attn_implementation = 'eager'  # pylint: disable=protected-access
   torch.manual_seed(0)
@@ -106,7 +110,7 @@ def test_imported_logits_equal_transformers(tmp_path, case):
   np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize('case', ['llama', 'mistral_window', 'qwen2'])
+@pytest.mark.parametrize('case', ['llama', 'mistral_window', 'qwen2', 'llama_dynamic'])
 def test_export_round_trips_bitwise(tmp_path, case):
   save_reference(case, str(tmp_path / 'hf'))
   block, params = checkpoints.import_hf(str(tmp_path / 'hf'))

@@ -7,6 +7,8 @@ import pytest
     (dict(rope_scaling='linear', rope_scaling_factor=0.5), 'model.rope_scaling_factor: must be >= 1'),
     (dict(rope_scaling='llama3', rope_low_freq_factor=4.0, rope_high_freq_factor=1.0),
      'model.rope_low_freq_factor: llama3 scaling needs'),
+    (dict(rope_scaling='dynamic', rope_scaling_factor=2.0, rope_original_max_len=0),
+     'model.rope_original_max_len: dynamic scaling needs the pretrained length'),
     (dict(norm_eps=0.0), 'model.norm_eps: must be > 0'),
 ])
 def test_bad_model_fields_name_the_field(overrides, error):

@@ -59,3 +59,17 @@ def test_yarn_frequencies_and_temperature_equal_transformers(yarn):
       64, 500_000.0)
   assert kept.any() and scaled.any()  # both ends of the ramp are present
 
+
+
+@pytest.mark.parametrize('length', [1000, 4096, 8192, 40_000])
+def test_dynamic_ntk_frequencies_equal_transformers(length):
+  # transformers computes them for max(length, max_position_embeddings), the original.
+  config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, rope_theta=500_000.0,
+                                    rope_scaling=dict(rope_type='dynamic', factor=4.0),
+                                    max_position_embeddings=4096)
+  expected, _ = ROPE_INIT_FUNCTIONS['dynamic'](config, 'cpu', seq_len=length)
+  got = layers.rope_frequencies(64, 500_000.0, scaling='dynamic', factor=4.0,
+                                original_max_len=4096, length=length)
+  np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6, atol=0)
+  unscaled = layers.rope_frequencies(64, 500_000.0)
+  assert np.array_equal(got, unscaled) == (length <= 4096)

@@ -1,5 +1,7 @@
 """Cached decoding equals the model's own forward pass, for every attention kind,
 and the rolling caches stay the same size however long the generation."""
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -111,11 +113,13 @@ def test_rolling_cache_does_not_grow_with_the_generation(kind):
     settings = decode.DecodeSettings(max_decode_len=steps)
     shapes = jax.eval_shape(
         lambda p: decode.generate(graphdef, p, prompt, settings=settings).cache, params)
-    return [jax.tree.map(lambda x: x.shape, layer) for layer in shapes]
+    # The shapes of every buffer (not the positions each cache is made for).
+    return [jax.tree.map(lambda x: x.shape, layer.replace(length=0)) for layer in shapes]
 
   short, long = final_cache_shapes(8), final_cache_shapes(100_000)
   window = short[0].window
-  assert window.k == window.v == (2, 2, slots, 8) and window.pos == (2, slots)
+  # Rows and kv heads merged (KVBuffer's layout): 2 rows x 2 kv heads.
+  assert window.k == window.v == (4, slots, 8) and window.pos == (2, slots)
   assert long[0].window == window
   if kind in ('hierarchical', 'multiresolution'):  # <= 2 * level0_block group means per level
     assert all(p.k[2] <= 8 for p in long[0].pooled)
@@ -134,7 +138,7 @@ def test_full_cache_grows_with_the_generation():
     settings = decode.DecodeSettings(max_decode_len=steps)
     cache = jax.eval_shape(
         lambda p: decode.generate(graphdef, p, prompt, settings=settings).cache, params)
-    assert cache[0].window.k.shape == (2, 2, 13 + steps - 1, 8)
+    assert cache[0].window.k.shape == (2 * 2, 13 + steps - 1, 8)
 
 
 def test_cache_bytes_count_every_buffer():
@@ -148,3 +152,74 @@ def test_cache_bytes_count_every_buffer():
   per_layer = 2 * 2 * 5 * 2 * 8 * 4 + 2 * 5 * 4 + 2 * 2 * 5 * 2 * 8 * 4 + 2 * 5 * 4 \
       + 2 * 2 * 2 * 8 * 4
   assert kv_cache.nbytes(cache) == 2 * per_layer
+
+
+def _loop_copies(hlo: str, slots: int, head_dim: int) -> list:
+  """The copy ops, inside the while loops of `hlo` (and what they call), whose
+  result is as large as a whole window buffer."""
+  computations, name = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r'(?:ENTRY )?%(\S+) .*\{$', line)
+    if header:
+      name = header.group(1)
+      computations[name] = []
+    elif name is not None:
+      computations[name].append(line)
+  called = lambda lines: {c for line in lines
+                          for c in re.findall(r'(?:calls|to_apply|body|condition)=%([^,\s)]+)', line)}
+  todo = {c for lines in computations.values() for line in lines if ' while(' in line
+          for c in re.findall(r'body=%([^,\s)]+)', line)}
+  seen = set()
+  while todo:
+    c = todo.pop()
+    if c not in seen and c in computations:
+      seen.add(c)
+      todo |= called(computations[c])
+  found = []
+  for c in seen:
+    for line in computations[c]:
+      match = re.search(r'= [a-z0-9]+\[([0-9,]+)\]\S* copy\(', line)
+      if match:
+        dims = [int(d) for d in match.group(1).split(',')]
+        if slots in dims and np.prod(dims) >= slots * head_dim:
+          found.append(line.strip()[:120])
+  return found
+
+
+@pytest.mark.parametrize('cache_dtype', ['auto', 'int8'])
+def test_the_generation_loop_writes_the_cache_in_place(cache_dtype):
+  # One row, the case where XLA's CPU compiler used to copy the whole window
+  # buffer every step (a reshape dropping the size-1 batch axis, fused with
+  # the step's write): the compiled loop must hold no copy of a buffer.
+  config = helpers.tiny('full', max_len=512)
+  graphdef, params = helpers.split(helpers.build(config))
+  prompt = helpers.tokens(7, (1, 300))
+  settings = decode.DecodeSettings(max_decode_len=40, eos_id=None, kv_cache_dtype=cache_dtype)
+  compiled = jax.jit(lambda p: decode.generate(graphdef, p, prompt, settings=settings).tokens
+                     ).lower(params).compile()
+  slots = 300 + 40 - 1
+  assert _loop_copies(compiled.as_text(), slots, config.head_dim) == []
+
+
+def test_dynamic_ntk_decoding_rotates_for_the_decoded_length():
+  # Dynamic NTK's frequencies depend on the length run: decoding uses the cache's
+  # (prompt + generation), so the prompt's keys and every generated token equal a
+  # forward over exactly that many tokens; a forward of another length differs.
+  config = helpers.tiny('full', rope_scaling='dynamic', rope_scaling_factor=4.0,
+                        rope_original_max_len=8)
+  model = helpers.build(config)
+  graphdef, params = helpers.split(model)
+  prompt = helpers.tokens(3, (2, 12))
+  lengths = np.array([12, 12])
+  settings = decode.DecodeSettings(max_decode_len=10, temperature=1.0, eos_id=None,
+                                   return_logits=True)
+  out = decode.generate(graphdef, params, prompt, lengths, settings=settings,
+                        rng=jax.random.key(3))
+  generated = np.asarray(out.tokens)
+  seq = np.concatenate([prompt, generated], axis=1)
+  run = lambda ids: np.asarray(helpers.forward(model)(ids))
+  decoded_length = 12 + 10 - 1
+  want = run(seq[:, :decoded_length])[:, 11:11 + 10]
+  np.testing.assert_allclose(np.asarray(out.logits), want, atol=2e-5, rtol=2e-5)
+  longer = run(seq)[:, 11:11 + 10]
+  assert np.abs(longer - want).max() > 1e-3
